@@ -1,0 +1,106 @@
+"""ExecuTorch lowering: a ``.pte`` with ``prefill`` and ``decode`` methods, XNNPACK-delegated.
+
+The KV cache lives in mutable buffers shared by both methods (``share_mutable_buffers``),
+so the runtime never moves it. Attention uses ExecuTorch's ``llama::update_cache`` and
+``llama::custom_sdpa`` kernels, which attend only to the filled part of the cache.
+
+Weights go to a ``.ptd`` file beside the program (ExecuTorch's program-data
+separation): the XNNPACK-packed weights and the program's own constants then share
+one content-deduplicated store, so a tied embedding / LM head is stored once (the
+stock path stores it twice: once for the gather, once inside the XNNPACK blob).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch.export import Dim, export
+
+from edgelm.converters.lowering import LowerOptions, Lowered, register_lowering
+from edgelm.errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+
+def _delegation_summary(edge_manager) -> dict[str, int]:
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    out = {}
+    for name in edge_manager.methods:
+        info = get_delegation_info(edge_manager.exported_program(name).graph_module)
+        out[name] = {"delegated": info.num_delegated_nodes, "not_delegated": info.num_non_delegated_nodes,
+                     "delegates": info.num_delegated_subgraphs}
+    return out
+
+
+DATA_TAG = "edgelm_weights"
+
+
+def _tag_weights_external(ep, tag: str) -> None:
+    """Mark every parameter so XNNPACK writes its packed copy to the ``tag`` data file."""
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in ep.graph_signature.inputs_to_parameters:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+
+
+def tie_output_to_embedding(model) -> None:
+    """Keep a tied LM head tied after deep copies/quantization (one tensor, stored once)."""
+    if model.cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+
+
+@register_lowering("pte", ".pte")
+def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
+    """Export ``model`` (a canonical Decoder, fp32 or already quantized) to ``out``."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    cfg = model.cfg
+    max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
+    m = copy.deepcopy(model).make_stateful("executorch")
+    tie_output_to_embedding(m)
+    m.eval()
+    pos = torch.tensor([0], dtype=torch.long)
+    seq = Dim("seq", min=2, max=max_prefill)
+    with torch.no_grad():
+        try:
+            programs = {
+                "prefill": export(m, (torch.zeros(1, 2, dtype=torch.long), pos),
+                                  dynamic_shapes=({1: seq}, None), strict=False),
+                "decode": export(m, (torch.zeros(1, 1, dtype=torch.long), pos), strict=False),
+            }
+        except Exception as e:  # torch.export raises many types; surface them as one
+            raise ConversionError(f"torch.export failed: {e}") from e
+        for ep in programs.values():
+            _tag_weights_external(ep, DATA_TAG)
+        edge = to_edge_transform_and_lower(
+            programs,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods={"max_context": cfg.max_context, "max_prefill": max_prefill,
+                              "vocab_size": cfg.vocab_size},
+        )
+        delegation = _delegation_summary(edge)
+        et = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+            external_constants=lambda node: DATA_TAG,
+        ))
+    with open(out, "wb") as f:
+        et.write_to_file(f)
+    et.write_tensor_data_to_file(str(out.parent))
+    data = out.parent / f"{DATA_TAG}.ptd"
+    if not data.is_file():
+        raise ConversionError(f"ExecuTorch did not write the weight file {data.name}")
+    final_data = out.with_suffix(".ptd")
+    if data != final_data:
+        data.replace(final_data)
+    log.info("wrote %s (%.1f MB) + %s (%.1f MB); delegation %s", out, out.stat().st_size / 1e6,
+             final_data.name, final_data.stat().st_size / 1e6, delegation)
+    io = {"methods": ["prefill", "decode"], "max_prefill": max_prefill, "min_prefill": 2,
+          "kv_cache": "mutable_buffers", "data_file": final_data.name}
+    return Lowered(out, io, {"delegation": delegation})

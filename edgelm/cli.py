@@ -1,0 +1,170 @@
+"""The ``edgelm`` command line: convert, run, inspect, bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgelm.errors import EdgeLMError
+
+FORMATS = ("pte", "onnx", "tflite")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edgelm").setLevel(level)
+    if verbose < 2:
+        for noisy in ("torch", "executorch", "transformers", "jax", "absl"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class _Group(click.Group):
+    """Prints :class:`EdgeLMError` as one line on stderr and exits non-zero, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeLMError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted", fg="yellow", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug and native runtime output).")
+@click.version_option(package_name="edgelm")
+def main(verbose: int) -> None:
+    """edgelm: make Transformer LMs small and fast, lower them to ExecuTorch, LiteRT or ONNX,
+    and stream tokens on edge devices."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.option("-f", "--format", "fmt", default="pte", show_default=True,
+              help=f"Output format: {', '.join(FORMATS)}.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
+              help="KV-cache length fixed at export (default: the model's, capped at 2048).")
+@click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
+              help="Longest prompt chunk one prefill call takes; longer prompts are chunked.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads for verification.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
+@click.option("--max-logit-error", type=float, default=0.05, show_default=True,
+              help="Parity gate: largest allowed logit difference to the fp32 reference.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+              help="Parity gate: smallest allowed greedy top-1 agreement with the fp32 reference.")
+def convert(source: str | None, fmt: str, out: Path, max_context: int | None, max_prefill: int,
+            threads: int | None, force: bool, no_verify: bool, max_logit_error: float, min_top1: float) -> None:
+    """Convert SOURCE into a bundle.
+
+    SOURCE is a Hugging Face model folder, a .gguf file, a hub id (org/name), or
+    'builtin:tiny'. Without SOURCE the embedded default, SmolLM2-135M-Instruct, is used.
+    """
+    if fmt not in FORMATS:
+        raise click.BadParameter(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}",
+                                 param_hint="--format")
+    try:
+        from edgelm.converters.pipeline import ConvertOptions
+        from edgelm.converters.pipeline import convert as run_convert
+        from edgelm.converters.verify import ParityGate
+    except ImportError as e:
+        raise EdgeLMError(f"converting needs the conversion extra ({e}); install it with "
+                          "pip install 'edgelm[convert]'") from e
+    opts = ConvertOptions(source=source, out=out, format=fmt, max_context=max_context, max_prefill=max_prefill,
+                          threads=threads, force=force, verify=not no_verify,
+                          gate=ParityGate(max_abs_err=max_logit_error, min_top1=min_top1),
+                          progress=sys.stderr.isatty())
+    path, report = run_convert(opts)
+    size = sum(f["size"] for f in report["files"].values())
+    click.echo(f"wrote {path} ({size / 1e6:.1f} MB)")
+    lowering = report.get("lowering", {})
+    for method, d in lowering.get("delegation", {}).items():
+        click.echo(f"  {method}: {d['delegated']} nodes delegated to XNNPACK in {d['delegates']} subgraphs, "
+                   f"{d['not_delegated']} left to portable kernels")
+    parity = report.get("parity")
+    if parity:
+        click.echo(f"  parity vs PyTorch fp32: max logit error {parity['max_abs_err']:.2e}, "
+                   f"top-1 agreement {parity['top1_agreement']:.3f}, mean KL {parity['mean_kl']:.2e} "
+                   f"over {parity['positions']} positions")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--chat/--raw", default=None, help="Wrap PROMPT in the bundle's chat template (default: if it has one).")
+@click.option("--system", default=None, help="System message for --chat.")
+@click.option("-n", "--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", "stops", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens instead of failing when the prompt "
+              "does not fit the context window.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed.")
+def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, max_new_tokens: int,
+        temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
+        stops: tuple[str, ...], truncate: bool, threads: int | None, stats: bool) -> None:
+    """Stream the model's answer to PROMPT from BUNDLE."""
+    from edgelm.runtime import Engine, SamplingConfig
+
+    engine = Engine.load(bundle, threads=threads)
+    use_chat = bool(engine.manifest.chat_template) if chat is None else chat
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    for piece in engine.generate(prompt, chat=use_chat, system=system, max_new_tokens=max_new_tokens,
+                                 sampling=sampling, stop=stops, overflow="truncate" if truncate else "error"):
+        click.echo(piece, nl=False)
+    click.echo()
+    if stats:
+        s = engine.last_stats
+        click.echo(
+            f"[{engine.manifest.format}/{engine.manifest.scheme}] prompt {s.prompt_tokens} tokens, "
+            f"generated {s.generated_tokens} ({s.stop_reason}); time to first token {s.ttft_s * 1e3:.0f} ms; "
+            f"prefill {s.prefill_tps:.1f} tokens/s; decode {s.decode_tps:.1f} tokens/s; "
+            f"runtime overhead {s.overhead_share:.1%} of decode time",
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--no-verify", is_flag=True, help="Do not check file checksums.")
+def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
+    """Show what is in BUNDLE and check its checksums."""
+    from edgelm.bundle import load_manifest
+
+    root, m = load_manifest(bundle, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(m.to_dict(), indent=2))
+        return
+    cfg = m.model
+    click.echo(f"bundle      {root}")
+    click.echo(f"format      {m.format} ({m.model_file}), scheme {m.scheme}, schema v{m.schema_version}")
+    click.echo(f"model       {cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, "
+               f"{cfg.num_parameters() / 1e6:.1f} M parameters")
+    click.echo(f"context     {m.max_context} tokens; chat template: {'yes' if m.chat_template else 'no'}")
+    click.echo(f"source      {m.source.get('kind', '?')}: {m.source.get('path', '?')}")
+    for name, info in m.files.items():
+        click.echo(f"file        {name:<16} {info['size'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")
+    parity = m.verification.get("parity")
+    if parity:
+        click.echo(f"verified    max logit error {parity['max_abs_err']:.2e}, top-1 {parity['top1_agreement']:.3f}, "
+                   f"KL {parity['mean_kl']:.2e}")
+    click.echo("checksums   " + ("not checked" if no_verify else "ok"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,87 @@
+"""The model configuration shared by the host (converters) and the device (runtime).
+
+It describes the canonical decoder with per-layer head counts and FFN widths, so
+a structurally pruned model is still a plain model. Torch-free on purpose: the
+runtime reads it from the bundle manifest to size KV-cache buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a canonical decoder.
+
+    ``n_heads``, ``n_kv_heads`` and ``ffn_dim`` are per layer (lists of length
+    ``n_layers``) so pruned models need no special code.
+    """
+
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: list[int]
+    n_kv_heads: list[int]
+    ffn_dim: list[int]
+    head_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_context: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        for name in ("n_heads", "n_kv_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if isinstance(value, int):
+                setattr(self, name, [value] * self.n_layers)
+            elif len(value) != self.n_layers:
+                raise ValueError(f"{name} has {len(value)} entries for {self.n_layers} layers")
+            else:
+                setattr(self, name, [int(v) for v in value])
+        for i, (h, kv) in enumerate(zip(self.n_heads, self.n_kv_heads)):
+            if kv <= 0 or h <= 0 or h % kv:
+                raise ValueError(f"layer {i}: {h} query heads cannot be grouped over {kv} KV heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the form stored in ``edgelm.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def num_parameters(self) -> int:
+        """Parameter count, counting a tied embedding once."""
+        d, hd = self.dim, self.head_dim
+        total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        for h, kv, f in zip(self.n_heads, self.n_kv_heads, self.ffn_dim):
+            total += d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d
+            if self.qkv_bias:
+                total += (h + 2 * kv) * hd
+            if self.o_bias:
+                total += d
+            if self.mlp_bias:
+                total += 2 * f + d
+        return total
+
+    def kv_cache_shape(self, layer: int) -> tuple[int, int, int, int]:
+        """[batch, kv_heads, max_context, head_dim] of one layer's K (or V) cache."""
+        return (1, self.n_kv_heads[layer], self.max_context, self.head_dim)

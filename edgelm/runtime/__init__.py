@@ -1,0 +1,6 @@
+"""Device-side runtime: load a bundle and stream tokens. No torch at import time."""
+
+from edgelm.runtime.engine import Engine, GenerationStats
+from edgelm.sampling import SamplingConfig
+
+__all__ = ["Engine", "GenerationStats", "SamplingConfig"]

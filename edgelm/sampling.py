@@ -1,0 +1,65 @@
+"""Next-token selection in NumPy: greedy, temperature, top-k, top-p, repetition penalty."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0 (1 disables it)")
+
+
+class Sampler:
+    """Stateful sampler (owns the random generator so a seed makes runs repeatable)."""
+
+    def __init__(self, config: SamplingConfig | None = None) -> None:
+        self.config = config or SamplingConfig()
+        self.rng = np.random.default_rng(self.config.seed)
+
+    def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+        c = self.config
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if c.repetition_penalty != 1.0:
+            seen = np.unique(np.fromiter(history, dtype=np.int64))
+            if seen.size:
+                logits = logits.copy()
+                vals = logits[seen]
+                logits[seen] = np.where(vals > 0, vals / c.repetition_penalty, vals * c.repetition_penalty)
+        if c.temperature == 0.0:
+            return int(np.argmax(logits))
+        logits = logits / c.temperature
+        if c.top_k and c.top_k < logits.size:
+            kth = np.partition(logits, -c.top_k)[-c.top_k]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if c.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            cut = int(np.searchsorted(cum, c.top_p)) + 1
+            keep = order[:cut]
+            masked = np.zeros_like(probs)
+            masked[keep] = probs[keep]
+            probs = masked / masked.sum()
+        return int(self.rng.choice(probs.size, p=probs))
