@@ -210,7 +210,7 @@ class Decoder(nn.Module):
         t = self.cfg.max_context
         if self.impl == "executorch":
             start_pos = input_pos[0].item()
-            torch._check_is_size(start_pos)
+            torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
             cos = self.rope_cos.narrow(0, start_pos, s)
             sin = self.rope_sin.narrow(0, start_pos, s)

@@ -70,6 +70,9 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = max_context or min(DEFAULT_MAX_CONTEXT, limit)
+    if ctx > limit:
+        log.warning("max_context %d is beyond what the model was trained for (%d); using %d", ctx, limit, limit)
+        ctx = limit
     eos = getattr(hf, "eos_token_id", None)
     rope_params = getattr(hf, "rope_parameters", None) or {}
     rope_scaling = getattr(hf, "rope_scaling", None) or None

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from edgelm.errors import EdgeLMError
 
 FORMATS = ("pte", "onnx", "tflite")
+SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -51,6 +53,12 @@ def main(verbose: int) -> None:
 @click.option("-f", "--format", "fmt", default="pte", show_default=True,
               help=f"Output format: {', '.join(FORMATS)}.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
+@click.option("-t", "--target", default=None,
+              help="Target profile: a built-in name (see `edgelm targets list`) or a .toml file. It sets format, "
+                   "scheme, context and prefill lengths and checks the model fits; explicit flags override it.")
+@click.option("--scheme", type=click.Choice(SCHEMES), default="fp32", show_default=True,
+              help="Quantization scheme.")
+@click.option("--group-size", type=click.IntRange(16), default=32, show_default=True, help="w4a8 group size.")
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
               help="KV-cache length fixed at export (default: the model's, capped at 2048).")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
@@ -62,8 +70,10 @@ def main(verbose: int) -> None:
               help="Parity gate: largest allowed logit difference to the fp32 reference.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=0.98, show_default=True,
               help="Parity gate: smallest allowed greedy top-1 agreement with the fp32 reference.")
-def convert(source: str | None, fmt: str, out: Path, max_context: int | None, max_prefill: int,
-            threads: int | None, force: bool, no_verify: bool, max_logit_error: float, min_top1: float) -> None:
+@click.pass_context
+def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target: str | None, scheme: str,
+            group_size: int, max_context: int | None, max_prefill: int, threads: int | None, force: bool,
+            no_verify: bool, max_logit_error: float, min_top1: float) -> None:
     """Convert SOURCE into a bundle.
 
     SOURCE is a Hugging Face model folder, a .gguf file, a hub id (org/name), or
@@ -79,10 +89,23 @@ def convert(source: str | None, fmt: str, out: Path, max_context: int | None, ma
     except ImportError as e:
         raise EdgeLMError(f"converting needs the conversion extra ({e}); install it with "
                           "pip install 'edgelm[convert]'") from e
-    opts = ConvertOptions(source=source, out=out, format=fmt, max_context=max_context, max_prefill=max_prefill,
-                          threads=threads, force=force, verify=not no_verify,
+    settings = {"format": fmt, "scheme": scheme, "group_size": group_size, "max_context": max_context,
+                "max_prefill": max_prefill, "prefill_lengths": ()}
+    profile = None
+    if target is not None:
+        from edgelm.targets import apply_profile, load_profile
+
+        profile = load_profile(target)
+
+        def typed(param: str):  # what the user typed, else None (the profile fills it in)
+            return ctx.params[param] if ctx.get_parameter_source(param) is not ParameterSource.DEFAULT else None
+
+        settings = apply_profile(profile, format=typed("fmt"), scheme=typed("scheme"),
+                                 group_size=typed("group_size"), max_context=typed("max_context"),
+                                 max_prefill=typed("max_prefill"))
+    opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify,
                           gate=ParityGate(max_abs_err=max_logit_error, min_top1=min_top1),
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), target=profile, **settings)
     path, report = run_convert(opts)
     size = sum(f["size"] for f in report["files"].values())
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB)")
@@ -127,6 +150,7 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, max_ne
                                  sampling=sampling, stop=stops, overflow="truncate" if truncate else "error"):
         click.echo(piece, nl=False)
     click.echo()
+    sys.stdout.flush()
     if stats:
         s = engine.last_stats
         click.echo(
@@ -164,6 +188,47 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
         click.echo(f"verified    max logit error {parity['max_abs_err']:.2e}, top-1 {parity['top1_agreement']:.3f}, "
                    f"KL {parity['mean_kl']:.2e}")
     click.echo("checksums   " + ("not checked" if no_verify else "ok"))
+
+
+@main.group("targets")
+def targets_group() -> None:
+    """Target profiles: built-in devices, or your own .toml (which may extend one)."""
+
+
+@targets_group.command("list")
+def targets_list() -> None:
+    """List the built-in targets."""
+    from edgelm.targets import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        c = p.convert
+        click.echo(f"{name:<16} {','.join(c.formats):<16} {c.scheme:<6} {c.threads} threads  "
+                   f"ctx {c.max_context:<5} {p.device.memory_mb:>6} MB  {p.description}")
+
+
+@targets_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved profile as JSON (the manifest's form).")
+def targets_show(name: str, as_json: bool) -> None:
+    """Show target NAME (a built-in name or a path to a .toml file), with `extends` applied."""
+    from edgelm.targets import load_profile, profile_to_dict
+
+    p = load_profile(name)
+    data = profile_to_dict(p)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{p.name}: {p.description}" + (f" (extends {p.extends})" if p.extends else ""))
+    for section in ("device", "convert", "runtime", "deploy"):
+        click.echo(f"[{section}]")
+        for key, value in data[section].items():
+            if value not in (None, ""):
+                shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+                click.echo(f"  {key:<16} {shown}")
+    d = p.device
+    click.echo(f"model budget       {d.budget_bytes >> 20} MB ({d.usable_fraction:.0%} of {d.memory_mb} MB)")
+    click.echo(f"device installs    {' '.join(p.packages())}  (for {p.format})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim, export
 
-from edgelm.converters.lowering import LowerOptions, Lowered, register_lowering
+from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
 from edgelm.errors import ConversionError
 
 log = logging.getLogger(__name__)

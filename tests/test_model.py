@@ -1,0 +1,110 @@
+"""The canonical decoder against transformers' own modeling code, and its cache modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgelm.config import ModelConfig
+from edgelm.converters.model import build_decoder, state_dict_from_hf
+from edgelm.converters.sources import config_from_hf, tiny_config
+
+
+def _hf_pair(model_type: str, **kw):
+    import transformers
+
+    cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[model_type]
+    hf_cfg = cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
+    torch.manual_seed(0)
+    hf = cls_model(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    cfg = config_from_hf(hf.config, max_context=64)
+    return hf, build_decoder(cfg, state_dict_from_hf(hf.state_dict(), cfg))
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"tie_word_embeddings": False, "rope_theta": 500000.0,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("qwen2", {"tie_word_embeddings": False}),
+])
+def test_logits_match_transformers(model_type, kw):
+    hf, model = _hf_pair(model_type, **kw)
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.full_logits = True
+        got, _ = model(ids, torch.tensor([0]), model.empty_caches())
+    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+
+
+def test_config_from_hf_reads_qwen_bias_and_llama3_rope():
+    hf, model = _hf_pair("qwen2")
+    assert model.cfg.qkv_bias and model.layers[0].attn.wq.bias is not None
+    assert model.cfg.arch == "qwen2"
+
+
+def _run_stateful(model, ids, chunks):
+    outs, pos = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            outs.append(model(ids[:, pos:pos + n], torch.tensor([pos])))
+            pos += n
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("impl", ["plain", "executorch"])
+def test_stateful_chunked_prefill_equals_full_forward(tiny_source, impl):
+    ids = torch.randint(0, 256, (1, 24))
+    full = build_decoder(tiny_source.config, tiny_source.state_dict)
+    full.full_logits = True
+    with torch.no_grad():
+        ref, _ = full(ids, torch.tensor([0]), full.empty_caches())
+    model = build_decoder(tiny_source.config, tiny_source.state_dict).make_stateful(impl)
+    model.full_logits = True
+    got = _run_stateful(model, ids, [10, 1, 1, 7, 5])
+    assert torch.allclose(ref, got, atol=1e-4)
+
+
+def test_functional_new_rows_are_the_cache_rows(tiny_model):
+    ids = torch.randint(0, 256, (1, 6))
+    caches = tiny_model.empty_caches()
+    with torch.no_grad():
+        _, rows = tiny_model(ids, torch.tensor([0]), caches)
+    k, v = rows[0]
+    assert k.shape == (1, tiny_model.cfg.n_kv_heads[0], 6, tiny_model.cfg.head_dim)
+    stateful = build_decoder(tiny_model.cfg, tiny_model.state_dict()).make_stateful("plain")
+    with torch.no_grad():
+        stateful(ids, torch.tensor([0]))
+    assert torch.allclose(stateful.layers[0].attn.k_cache[:, :, :6], k, atol=1e-6)
+
+
+def test_per_layer_heads_and_ffn_widths():
+    cfg = tiny_config(n_layers=3, n_heads=[4, 2, 4], n_kv_heads=[2, 1, 2], ffn_dim=[128, 40, 96])
+    model = build_decoder(cfg)
+    assert model.layers[1].attn.wq.out_features == 2 * cfg.head_dim
+    assert model.layers[1].mlp.w_up.out_features == 40
+    model.full_logits = True
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        ref, _ = model(ids, torch.tensor([0]), model.empty_caches())
+        et = build_decoder(cfg, model.state_dict()).make_stateful("executorch")
+        et.full_logits = True
+        got = _run_stateful(et, ids, [5, 4])
+    assert torch.allclose(ref, got, atol=1e-4)
+
+
+def test_config_validation_and_roundtrip():
+    cfg = tiny_config()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="grouped"):
+        tiny_config(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="entries"):
+        tiny_config(ffn_dim=[1, 2, 3])

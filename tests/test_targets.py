@@ -1,0 +1,351 @@
+"""Target profiles: the built-in TOMLs, user profiles, ``extends``, validation and the memory check.
+
+Pure Python and fast: no torch, no model files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from edgelm.config import ModelConfig
+from edgelm.errors import EdgeLMError
+from edgelm.targets import (
+    FORMATS,
+    SCHEMES,
+    MemoryEstimate,
+    Profile,
+    TargetError,
+    apply_profile,
+    check_memory,
+    estimate_memory,
+    list_profiles,
+    load_profile,
+    profile_from_dict,
+    profile_to_dict,
+)
+
+BUILTINS = ["android-arm64", "arm64-generic", "raspberry-pi-4", "raspberry-pi-5", "x86-64"]
+
+SMOLLM2_135M = ModelConfig(arch="llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                           ffn_dim=1536, head_dim=64, tie_embeddings=True, max_context=2048)
+LLAMA_7B = ModelConfig(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                       ffn_dim=11008, head_dim=128, max_context=4096)
+
+MINIMAL = """
+[device]
+architecture = "aarch64"
+cores = 4
+features = ["neon"]
+memory_mb = 1024
+
+[convert]
+formats = ["onnx"]
+scheme = "w8a8"
+threads = 2
+max_context = 512
+max_prefill = 128
+
+[deploy]
+transport = "ssh"
+workdir = "~/edgelm"
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def error_of(ref) -> str:
+    with pytest.raises(TargetError) as info:
+        load_profile(ref)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def test_list_profiles_lists_all_five():
+    assert list_profiles() == BUILTINS
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_profile_loads_and_validates(name):
+    p = load_profile(name)
+    assert isinstance(p, Profile)
+    assert p.name == name and p.description and p.extends is None
+    assert p.format == p.convert.formats[0] and set(p.convert.formats) <= set(FORMATS)
+    assert p.convert.scheme in SCHEMES
+    assert 1 <= p.convert.threads <= p.device.cores
+    if p.device.big_cores is not None:
+        assert p.convert.threads <= p.device.big_cores  # big cores only
+    assert p.convert.max_prefill <= p.convert.max_context
+    assert p.convert.prefill_lengths == sorted(p.convert.prefill_lengths)
+    for fmt in p.convert.formats:
+        pkgs = p.packages(fmt)
+        assert {"numpy", "tokenizers", "jinja2"} <= set(pkgs)
+    assert "onnxruntime" in p.packages("onnx") and "ai-edge-litert" in p.packages("tflite")
+    assert {"executorch", "torch"} <= set(p.packages("pte"))
+    assert p.deploy.transport in ("local", "ssh", "adb")
+    # the dict form is JSON-ready (it goes into the bundle manifest) and round-trips
+    data = json.loads(json.dumps(profile_to_dict(p)))
+    assert "path" not in data
+    assert profile_from_dict(data) == p
+
+
+def test_builtin_facts():
+    pi4, pi5 = load_profile("raspberry-pi-4"), load_profile("raspberry-pi-5")
+    assert "dotprod" not in pi4.device.features and "fp16" not in pi4.device.features
+    assert {"dotprod", "fp16"} <= set(pi5.device.features)
+    assert (pi4.device.soc, pi5.device.soc) == ("BCM2711", "BCM2712")
+    android = load_profile("android-arm64")
+    assert android.deploy.transport == "adb" and android.deploy.workdir == "/data/local/tmp/edgelm"
+    assert android.convert.threads == android.device.big_cores < android.device.cores
+    assert "avx2" in load_profile("x86-64").device.features
+
+
+def test_unknown_name_lists_the_known_ones():
+    msg = error_of("raspberry-pi-6")
+    assert "unknown target 'raspberry-pi-6'" in msg
+    for name in BUILTINS:
+        assert name in msg
+    assert isinstance(TargetError("x"), EdgeLMError)
+
+
+def test_missing_file(tmp_path):
+    msg = error_of(tmp_path / "nope.toml")
+    assert "nope.toml" in msg and "raspberry-pi-4" in msg
+
+
+# --------------------------------------------------------------------------- user profiles
+
+
+def test_user_profile_from_a_path(tmp_path):
+    path = write(tmp_path, "my-board.toml", MINIMAL)
+    p = load_profile(path)
+    assert p.name == "my-board" and p.path == str(path)
+    assert p.convert.formats == ["onnx"] and p.convert.group_size == 32  # a default
+    assert p.runtime.onnx == ["onnxruntime"] and p.deploy.python == "python3"  # defaults
+    assert load_profile(str(path)) == p
+
+
+def test_extends_overrides_only_some_keys(tmp_path):
+    path = write(tmp_path, "pi5-8g.toml", """
+        extends = "raspberry-pi-5"
+
+        [device]
+        memory_mb = 8192
+
+        [convert]
+        max_context = 4096
+        prefill_lengths = [64, 256]
+        """)
+    base, p = load_profile("raspberry-pi-5"), load_profile(path)
+    assert p.name == "pi5-8g" and p.extends == "raspberry-pi-5"
+    assert p.device.memory_mb == 8192 and p.convert.max_context == 4096
+    assert p.convert.prefill_lengths == [64, 256]  # arrays are replaced, not appended
+    assert p.device.features == base.device.features and p.device.soc == "BCM2712"  # inherited
+    assert p.convert.scheme == base.convert.scheme and p.deploy == base.deploy
+    assert "raspberry-pi-5" in p.description
+
+
+def test_extends_a_user_file_relative_to_it(tmp_path):
+    write(tmp_path, "base.toml", MINIMAL)
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "sub", "child.toml", """
+        extends = "../base.toml"
+        name = "child-board"
+        [convert]
+        threads = 4
+        """)
+    p = load_profile(path)
+    assert p.name == "child-board" and p.convert.threads == 4 and p.device.memory_mb == 1024
+
+
+def test_extends_loop(tmp_path):
+    write(tmp_path, "a.toml", 'extends = "b.toml"\n')
+    write(tmp_path, "b.toml", 'extends = "a.toml"\n')
+    msg = error_of(tmp_path / "a.toml")
+    assert "extends" in msg and "loop" in msg
+
+
+def test_unknown_extends(tmp_path):
+    path = write(tmp_path, "bad.toml", 'extends = "raspberry-pi-9"\n')
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: extends: unknown target 'raspberry-pi-9'")
+    assert "raspberry-pi-5" in msg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def with_override(tmp_path, section: str, line: str, name: str = "bad.toml") -> Path:
+    return write(tmp_path, name, f'extends = "raspberry-pi-4"\n[{section}]\n{line}\n')
+
+
+@pytest.mark.parametrize("section, line, key, words", [
+    ("convert", "thread = 2", "convert.thread", "unknown key; did you mean 'threads'"),
+    ("device", "ram_mb = 2048", "device.ram_mb", "unknown key"),
+    ("convert", 'threads = "4"', "convert.threads", "expected an integer, got string '4'"),
+    ("convert", "threads = true", "convert.threads", "expected an integer, got boolean True"),
+    ("convert", 'formats = "pte"', "convert.formats", "expected an array of strings"),
+    ("convert", "prefill_lengths = [32, 64.5]", "convert.prefill_lengths", "expected an array of integers"),
+    ("device", "memory_mb = 4096.5", "device.memory_mb", "expected an integer"),
+    ("convert", "threads = 0", "convert.threads", "must be >= 1, got 0"),
+    ("convert", "threads = 5", "convert.threads", "must be <= device.cores (4), got 5"),
+    ("device", "memory_mb = 0", "device.memory_mb", "must be > 0, got 0"),
+    ("device", "memory_mb = -512", "device.memory_mb", "must be > 0"),
+    ("device", "usable_fraction = 1.5", "device.usable_fraction", "must be in (0, 1]"),
+    ("device", 'architecture = "arm64"', "device.architecture", "must be one of aarch64, x86_64"),
+    ("device", 'features = ["neon", "dotpord"]', "device.features", "did you mean 'dotprod'"),
+    ("device", 'features = ["avx2"]', "device.features", "unknown aarch64 feature 'avx2'"),
+    ("convert", 'formats = ["pte", "gguf"]', "convert.formats", "unknown format 'gguf'"),
+    ("convert", "formats = []", "convert.formats", "must list at least one"),
+    ("convert", 'scheme = "int4"', "convert.scheme", "unknown scheme 'int4'"),
+    ("convert", "group_size = 48", "convert.group_size", "must be a power of two"),
+    ("convert", "group_size = 8", "convert.group_size", "must be a power of two >= 16"),
+    ("convert", "max_context = 8", "convert.max_context", "must be >= 16, got 8"),
+    ("convert", "prefill_lengths = [128, 32]", "convert.prefill_lengths", "ascending"),
+    ("convert", "prefill_lengths = [32, 32]", "convert.prefill_lengths", "ascending"),
+    ("convert", "prefill_lengths = [32, 2048]", "convert.prefill_lengths", "must not exceed convert.max_context"),
+    ("convert", "prefill_lengths = []", "convert.prefill_lengths", "tflite needs at least one"),
+    ("convert", "max_prefill = 4096", "convert.max_prefill", "between 2 and convert.max_context (1024)"),
+    ("runtime", "onnx = []", "runtime.onnx", "convert.formats lists onnx"),
+    ("deploy", 'transport = "ftp"', "deploy.transport", "unknown transport 'ftp'"),
+])
+def test_validation_error_names_file_and_key(tmp_path, section, line, key, words):
+    path = with_override(tmp_path, section, line)
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: {key}: "), msg
+    assert words in msg, msg
+
+
+def test_error_names_the_file_that_set_an_inherited_key(tmp_path):
+    # max_context shrinks below the base's prefill lengths: the key came from the built-in file
+    path = with_override(tmp_path, "convert", "max_context = 100\nmax_prefill = 64")
+    msg = error_of(path)
+    assert msg.startswith(f"{path}: convert.prefill_lengths: must not exceed convert.max_context (100)")
+    assert "(set in raspberry-pi-4.toml; set convert.prefill_lengths in" in msg
+
+
+def test_unknown_top_level_key_and_section_type(tmp_path):
+    msg = error_of(write(tmp_path, "a.toml", 'extend = "raspberry-pi-4"\n'))
+    assert ": extend: unknown key; did you mean 'extends'" in msg
+    msg = error_of(write(tmp_path, "b.toml", 'extends = "raspberry-pi-4"\ndevice = 3\n'))
+    assert ": device: expected a table [device]" in msg
+
+
+def test_missing_required_key_and_section(tmp_path):
+    msg = error_of(write(tmp_path, "a.toml", MINIMAL.replace("memory_mb = 1024\n", "")))
+    assert "a.toml: device.memory_mb: missing (required)" in msg
+    msg = error_of(write(tmp_path, "b.toml", MINIMAL.split("[deploy]")[0]))
+    assert "b.toml: [deploy]: missing table" in msg
+
+
+def test_invalid_toml(tmp_path):
+    msg = error_of(write(tmp_path, "a.toml", "[device\n"))
+    assert "a.toml: not valid TOML" in msg
+
+
+def test_builtin_file_named_in_errors(monkeypatch):
+    # the message for a broken built-in names its file, as in "raspberry-pi-4.toml: convert.threads: ..."
+    import edgelm.targets as targets
+
+    real = targets._read
+
+    def broken(ref, base_dir, referrer):
+        label, folder, raw = real(ref, base_dir, referrer)
+        raw["convert"]["threads"] = 0
+        return label, folder, raw
+
+    monkeypatch.setattr(targets, "_read", broken)
+    assert error_of("raspberry-pi-4") == "raspberry-pi-4.toml: convert.threads: must be >= 1, got 0"
+
+
+# --------------------------------------------------------------------------- convert settings
+
+
+def test_apply_profile_explicit_flags_override():
+    p = load_profile("raspberry-pi-5")
+    s = apply_profile(p)
+    assert s == {"format": "pte", "scheme": "w4a8", "group_size": 32, "max_context": 2048, "max_prefill": 512,
+                 "prefill_lengths": (32, 128, 512)}
+    s = apply_profile(p, format="onnx", scheme="w8a8", max_context=256)
+    assert (s["format"], s["scheme"], s["max_context"]) == ("onnx", "w8a8", 256)
+    assert s["max_prefill"] == 256 and s["prefill_lengths"] == (32, 128)  # profile values clamped
+    assert apply_profile(p, max_prefill=64)["max_prefill"] == 64
+    with pytest.raises(TargetError, match="unknown scheme"):
+        apply_profile(p, scheme="w2")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_smollm2_135m_fits_every_profile(name):
+    p = load_profile(name)
+    est = check_memory(p, SMOLLM2_135M)
+    assert isinstance(est, MemoryEstimate) and est.fits
+    assert est.scheme == p.convert.scheme and est.max_context == p.convert.max_context
+    assert est.total_bytes < est.budget_bytes
+    assert est.kv_cache_bytes == 2 * 30 * 3 * 64 * p.convert.max_context * 4
+
+
+def test_weights_by_scheme_are_ordered():
+    p = load_profile("x86-64")
+    sizes = {s: estimate_memory(p, SMOLLM2_135M, s).weights_bytes for s in SCHEMES}
+    n = SMOLLM2_135M.num_parameters()
+    assert sizes["fp32"] == 4 * n  # tied embedding stored once
+    assert sizes["w8"] == sizes["w8a8"] == sizes["w8a8-static"]
+    assert n < sizes["w8a8"] < 1.3 * n  # ~1 B/param plus scales and the 8-bit head copy
+    assert sizes["w4a8"] < sizes["w8a8"] < sizes["fp32"]
+
+
+def test_7b_does_not_fit_a_pi4_and_says_what_would():
+    p = load_profile("raspberry-pi-4")
+    with pytest.raises(TargetError) as info:
+        check_memory(p, LLAMA_7B)
+    msg = str(info.value)
+    assert msg.startswith("the model does not fit raspberry-pi-4: 6738.4 M parameters at w8a8")
+    assert "allows 3,072 MB (75% of 4096 MB)" in msg
+    assert "no stronger scheme fits (w4a8 needs" in msg
+    m = re.search(r"prune the model to about ([\d.]+) B parameters at w8a8 or about ([\d.]+) B parameters at w4a8",
+                  msg)
+    assert m, msg
+    at_w8, at_w4 = float(m.group(1)), float(m.group(2))
+    assert 1.0 < at_w8 < at_w4 < 4.0
+    assert 'extends = "raspberry-pi-4"' in msg
+
+
+def test_suggested_context_and_scheme_do_fit():
+    p = load_profile("raspberry-pi-4")
+    one_b = ModelConfig(arch="llama", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        ffn_dim=8192, head_dim=64, tie_embeddings=True)
+    # fp32 at a long context: shorter contexts do not help (the weights are too big), w8a8 does
+    with pytest.raises(TargetError) as info:
+        check_memory(p, one_b, "fp32", 2048)
+    msg = str(info.value)
+    assert "no --max-context helps at fp32" in msg and "--scheme w8a8 (needs" in msg
+    check_memory(p, one_b, "w8a8", 2048)
+    # w8a8 at a huge context: the largest context that fits is suggested, and it fits
+    with pytest.raises(TargetError) as info:
+        check_memory(p, one_b, "w8a8", 65536)
+    ctx = int(re.search(r"--max-context (\d+) \(the largest that fits at w8a8\)", str(info.value)).group(1))
+    assert ctx % 16 == 0
+    check_memory(p, one_b, "w8a8", ctx)
+    with pytest.raises(TargetError):
+        check_memory(p, one_b, "w8a8", ctx + 16)
+
+
+def test_check_memory_rejects_bad_arguments():
+    p = load_profile("raspberry-pi-5")
+    with pytest.raises(TargetError, match="unknown scheme"):
+        check_memory(p, SMOLLM2_135M, "int3")
+    with pytest.raises(TargetError, match="max_context must be >= 16"):
+        check_memory(p, SMOLLM2_135M, max_context=8)
