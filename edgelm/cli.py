@@ -190,6 +190,45 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     click.echo("checksums   " + ("not checked" if no_verify else "ok"))
 
 
+@main.command()
+@click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--eager", "eager", is_flag=True,
+              help="Add the PyTorch eager transformers baseline row (needs the conversion extra).")
+@click.option("--source", default=None, help="Model for the eager row (default: the embedded SmolLM2).")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="Threads for every row.")
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per row.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("-n", "--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--prompt", default=None, help="Prompt (chat-formatted when the model has a template).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write results here.")
+def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int, runs: int, warmup: int,
+          new_tokens: int, prompt: str | None, json_out: Path | None) -> None:
+    """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
+
+    Each row runs in its own process with the same thread count and prompt; figures are medians
+    of --runs timed generations of exactly --new-tokens tokens after --warmup.
+    """
+    from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row
+
+    if not bundles and not eager:
+        raise click.UsageError("give at least one bundle, or --eager")
+    common = {"prompt": prompt or DEFAULT_PROMPT, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
+              "threads": threads}
+    rows = [{"kind": "eager", "source": source, **common}] if eager else []
+    rows += [{"kind": "bundle", "bundle": str(b), **common} for b in bundles]
+    results = []
+    for row in rows:
+        click.echo(f"running {row['kind']} {row.get('bundle', row.get('source') or '')}...", err=True)
+        results.append(run_row(row))
+    info = machine_info()
+    click.echo(f"machine: {info.get('cpu', '?')}, {info['cores']} cores, {threads} threads per row; "
+               f"{new_tokens} new tokens, median of {runs} runs after {warmup} warm-up")
+    click.echo(format_table(results, baseline="pytorch eager fp32" if eager else None))
+    if json_out:
+        json_out.write_text(json.dumps({"machine": info, "rows": results}, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
 @main.group("targets")
 def targets_group() -> None:
     """Target profiles: built-in devices, or your own .toml (which may extend one)."""

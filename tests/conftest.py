@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 TINY = "builtin:tiny"
+SMOLLM2_PREFILL = 64  # small, so the integration prompts exercise chunked prefill
 
 
 def smollm2_available() -> bool:
@@ -60,7 +61,7 @@ def smollm2_source():
 @pytest.fixture(scope="session")
 def smollm2_pte(tmp_path_factory, smollm2_source) -> Path:
     """The real SmolLM2-135M-Instruct as a verified .pte bundle (converted once per session)."""
-    return convert_bundle(tmp_path_factory.mktemp("smollm2") / "smollm2-pte", source=None)
+    return convert_bundle(tmp_path_factory.mktemp("smollm2") / "smollm2-pte", source=None, max_prefill=SMOLLM2_PREFILL)
 
 
 @pytest.fixture(scope="session")

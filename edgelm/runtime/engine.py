@@ -122,8 +122,12 @@ class Engine:
         return logits
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256,
-                     sampling: SamplingConfig | None = None, overflow: str = "error") -> Iterator[int]:
-        """Yield generated token ids (EOS excluded). Stats land in :attr:`last_stats`."""
+                     sampling: SamplingConfig | None = None, overflow: str = "error",
+                     ignore_eos: bool = False) -> Iterator[int]:
+        """Yield generated token ids (EOS excluded). Stats land in :attr:`last_stats`.
+
+        ``ignore_eos`` keeps going past EOS (benchmarks use it to time a fixed token count).
+        """
         stats = GenerationStats()
         self.last_stats = stats
         t0 = time.perf_counter()
@@ -146,7 +150,7 @@ class Engine:
                     stats.ttft_s, t_first = now - t0, now
                 else:
                     stats.decode_s = now - t_first
-                if tok in self.eos_ids:
+                if tok in self.eos_ids and not ignore_eos:
                     stats.stop_reason = "eos"
                     break
                 history.append(tok)

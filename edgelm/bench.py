@@ -1,0 +1,138 @@
+"""Benchmarks that print numbers: time to first token, prefill and decode speed, peak memory.
+
+Each row runs in its own process (``python -m edgelm.bench ROW_JSON``) so peak RSS and
+thread settings belong to that row alone. Rows: a bundle through :class:`Engine`, or
+PyTorch eager ``transformers`` (the baseline, host only). Every figure is the median of
+several timed runs after warm-up, with min and max.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgeLMError
+
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
+def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
+                 warmup: int = 1, threads: int | None = None, chat: bool = True) -> dict[str, Any]:
+    """Time ``runs`` greedy generations of exactly ``new_tokens`` tokens from ``bundle``."""
+    from edgelm.runtime import Engine
+
+    t = time.perf_counter()
+    engine = Engine.load(bundle, threads=threads)
+    load_s = time.perf_counter() - t
+    ids = engine.encode_prompt(prompt, chat=chat and bool(engine.manifest.chat_template))
+    samples: dict[str, list[float]] = {"ttft_s": [], "prefill_tps": [], "decode_tps": [], "overhead_share": []}
+    for i in range(warmup + runs):
+        for _ in engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True):
+            pass
+        if i >= warmup:
+            s = engine.last_stats
+            samples["ttft_s"].append(s.ttft_s)
+            samples["prefill_tps"].append(s.prefill_tps)
+            samples["decode_tps"].append(s.decode_tps)
+            samples["overhead_share"].append(s.overhead_share)
+    m = engine.manifest
+    size = sum(f["size"] for name, f in m.files.items() if name != m.tokenizer_file)
+    return {
+        "name": f"edgelm {m.format} {m.scheme}", "kind": "bundle", "bundle": str(bundle), "format": m.format,
+        "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),
+        "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "load_s": load_s,
+        **{k: _summary(v) for k, v in samples.items()},
+        "peak_rss_mb": peak_rss_mb(), "size_mb": size / 1e6,
+    }
+
+
+def run_row(row: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Run one benchmark row in a fresh Python process and return its result."""
+    proc = subprocess.run([sys.executable, "-m", "edgelm.bench", json.dumps(row)], capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()
+        raise EdgeLMError(f"benchmark row {row.get('kind')} {row.get('bundle', '')} failed: "
+                          f"{err[-1] if err else 'no output'}")
+    return json.loads(lines[-1])
+
+
+def machine_info() -> dict[str, Any]:
+    """What makes a run reproducible: CPU model, cores, Python, package versions."""
+    info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(),
+                            "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gov = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    if gov.is_file():
+        info["governor"] = gov.read_text().strip()
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("edgelm", "numpy", "tokenizers", "executorch", "torch", "onnxruntime", "ai-edge-litert",
+                "transformers"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    info["versions"] = versions
+    return info
+
+
+def format_table(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
+    """A Markdown table; speed ratios are against the row named ``baseline`` (same run)."""
+    base = next((r for r in rows if r["name"] == baseline), None)
+    head = ("| row | size MB | peak RSS MB | TTFT ms | prefill tok/s | decode tok/s (min–max) | decode vs "
+            f"{baseline or 'baseline'} |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d = r["decode_tps"]
+        ratio = f"{d['median'] / base['decode_tps']['median']:.2f}x" if base else "–"
+        size = f"{r['size_mb']:.1f}" if r.get("size_mb") else "–"
+        lines.append(f"| {r['name']} | {size} | {r['peak_rss_mb']:.0f} | {r['ttft_s']['median'] * 1e3:.0f} | "
+                     f"{r['prefill_tps']['median']:.0f} | {d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | "
+                     f"{ratio} |")
+    return "\n".join(lines)
+
+
+def _main(argv: list[str]) -> int:
+    row = json.loads(argv[0])
+    kind = row.pop("kind")
+    if kind == "bundle":
+        result = bench_bundle(**row)
+    elif kind == "eager":
+        from edgelm.converters.baseline import bench_eager
+
+        result = bench_eager(**row)
+    else:
+        raise SystemExit(f"unknown row kind {kind!r}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
