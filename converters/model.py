@@ -55,20 +55,41 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm whose mean of squares is a matmul with a constant column of 1/dim.
+
+    Same numbers as ``mean(-1)``, but a matmul is delegated by XNNPACK where ``mean.dim``
+    over the last axis is not: a reduction op would split every layer into extra
+    delegate calls.
+    """
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("inv_dim", torch.full((dim, 1), 1.0 / dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return x * torch.rsqrt(torch.matmul(x * x, self.inv_dim) + self.eps) * self.weight
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face weight convention). x: [B, S, H, D]; cos/sin: [S, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """P with ``x @ P == cat(-x[..., D/2:], x[..., :D/2])`` (rotate-half as a matmul)."""
+    h = head_dim // 2
+    p = torch.zeros(head_dim, head_dim)
+    p[h:, :h] = -torch.eye(h)
+    p[:h, h:] = torch.eye(h)
+    return p
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face weight convention). x: [B, S, H, D]; cos/sin: [S, D].
+
+    The rotation is a matmul with a constant matrix instead of split + cat, so the
+    whole projection-and-rotary block stays one XNNPACK delegate.
+    """
+    b, s, _, d = x.shape
+    c, sn = cos.view(1, s, 1, d), sin.view(1, s, 1, d)
+    return x * c + torch.matmul(x, rot) * sn
 
 
 class Attention(nn.Module):
@@ -94,10 +115,10 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def _qkv(self, x, cos, sin):
+    def _qkv(self, x, cos, sin, rot):
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd), cos, sin)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd), cos, sin)
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd), cos, sin, rot)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd), cos, sin, rot)
         v = self.wv(x).view(b, s, self.n_kv, self.hd)
         return q, k, v
 
@@ -115,8 +136,8 @@ class Attention(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, KV, g*S, D]
         return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
-    def forward(self, x, cos, sin, pos, mask, start_pos, cache=None):
-        q, k, v = self._qkv(x, cos, sin)
+    def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
+        q, k, v = self._qkv(x, cos, sin, rot)
         if self.impl == "executorch":
             torch.ops.llama.update_cache(k, self.k_cache, start_pos)
             torch.ops.llama.update_cache(v, self.v_cache, start_pos)
@@ -152,8 +173,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, x, cos, sin, pos, mask, start_pos, cache=None):
-        a, new_kv = self.attn(self.attn_norm(x), cos, sin, pos, mask, start_pos, cache)
+    def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
+        a, new_kv = self.attn(self.attn_norm(x), cos, sin, rot, pos, mask, start_pos, cache)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), new_kv
 
@@ -178,8 +199,10 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
+        freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
         self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
         self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
+        self.register_buffer("rope_rot", rotate_half_matrix(cfg.head_dim), persistent=False)
         self.full_logits = False
         self.impl = "plain"
         self.stateful = False
@@ -224,7 +247,7 @@ class Decoder(nn.Module):
         x = self.tok_embeddings(tokens)
         new_rows = []
         for i, block in enumerate(self.layers):
-            x, kv = block(x, cos, sin, pos, mask, start_pos, None if caches is None else caches[i])
+            x, kv = block(x, cos, sin, self.rope_rot, pos, mask, start_pos, None if caches is None else caches[i])
             new_rows.append(kv)
         if not self.full_logits:
             x = x[:, -1:, :]

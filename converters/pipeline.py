@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import edgelm
 from edgelm.bundle import BundleWriter, Manifest
-from edgelm.converters.lowering import LowerOptions, get_lowering
+from edgelm.converters.evaluate import QualityGate, load_texts, quality_report, token_windows
+from edgelm.converters.lowering import FORMATS, LowerOptions, get_lowering
 from edgelm.converters.model import build_decoder
 from edgelm.converters.progress import Steps
+from edgelm.converters.quant import QuantSpec
 from edgelm.converters.sources import load_source
 from edgelm.converters.verify import ParityGate, check_parity
-from edgelm.errors import ConversionError, EdgeLMError, FormatError
+from edgelm.errors import BundleError, ConversionError, EdgeLMError
 from edgelm.runtime.backends import quiet_native_stderr
 from edgelm.runtime.engine import Engine
 from edgelm.targets import profile_to_dict
+from edgelm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 _VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "transformers")
@@ -45,9 +48,18 @@ class ConvertOptions:
     target: Any = None  # an edgelm.targets.Profile
     threads: int | None = None
     force: bool = False
+    embedding: str = "int8"
+    lm_head: str = "int8"
+    calib: str | None = None  # calibration text (file or folder); built-in set if None
+    calib_windows: int = 16
+    eval: str | None = None  # held-out evaluation text; built-in set if None
+    eval_windows: int = 8
+    evaluate: bool | None = None  # held-out quality report; default: for quantized schemes
     verify: bool = True
     verify_steps: int = 32
-    gate: ParityGate = field(default_factory=ParityGate)
+    max_logit_error: float | None = None  # parity gate; default 0.05 for fp32, none for quantized
+    min_top1: float | None = None  # default 0.98 for fp32, 0.80 for quantized
+    max_ppl_increase: float = 0.25
     progress: bool = True
 
 
@@ -78,18 +90,33 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def convert(opts: ConvertOptions) -> tuple[Path, dict[str, Any]]:
-    """Run the whole pipeline; return the bundle path and a report (timings, checks)."""
-    ext, lower = get_lowering(opts.format)  # unknown format or scheme fails before any heavy work
-    if opts.scheme != "fp32":
-        raise FormatError(f"quantization scheme {opts.scheme!r} is not available for {opts.format} yet; use fp32")
-    quiet = not log.isEnabledFor(logging.DEBUG)
+def _quality_gate(opts: ConvertOptions) -> tuple[ParityGate, QualityGate]:
+    """Gates for this scheme: strict parity for fp32; for quantized artifacts a top-1 floor on
+    the parity prompts and the held-out quality gate instead of a logit-error bound."""
+    quantized = opts.scheme != "fp32"
+    top1 = opts.min_top1 if opts.min_top1 is not None else (QualityGate.min_top1 if quantized else 0.98)
+    err = opts.max_logit_error if opts.max_logit_error is not None else (float("inf") if quantized else 0.05)
+    return ParityGate(max_abs_err=err, min_top1=top1), QualityGate(min_top1=top1,
+                                                                   max_ppl_increase=opts.max_ppl_increase)
+
+
+def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
+    """Run the whole pipeline; return ``(bundle path, report)`` per format.
+
+    ``opts.format == "all"`` loads and prepares the source once and writes one bundle per
+    format under ``opts.out`` (``OUT/pte``, ``OUT/onnx``, ``OUT/tflite``).
+    """
+    formats = list(FORMATS) if opts.format == "all" else [opts.format]
+    for fmt in formats:  # an unknown format or a scheme a format cannot do fails before any heavy work
+        get_lowering(fmt, opts.scheme)
+    quant = QuantSpec(opts.scheme, opts.group_size, opts.embedding, opts.lm_head)
     if not log.isEnabledFor(logging.INFO):
         silence_libraries()
-    report: dict[str, Any] = {}
-    with BundleWriter(opts.out, overwrite=opts.force) as writer, Steps(5, enabled=opts.progress) as steps, \
-            warnings.catch_warnings():
-        if quiet:
+    if opts.format == "all" and opts.out.exists() and not opts.force:
+        raise BundleError(f"{opts.out} already exists; choose another output path or pass --force")
+    results = []
+    with Steps(2 + 4 * len(formats), enabled=opts.progress) as steps, warnings.catch_warnings():
+        if not log.isEnabledFor(logging.INFO):
             warnings.simplefilter("ignore")
         with steps.step("loading source model"):
             source = load_source(opts.source, max_context=opts.max_context)
@@ -102,40 +129,68 @@ def convert(opts: ConvertOptions) -> tuple[Path, dict[str, Any]]:
             cfg = source.config
             log.info("model: %s, %.1f M parameters, max_context %d", cfg.arch, cfg.num_parameters() / 1e6,
                      cfg.max_context)
+        for fmt in formats:
+            out = opts.out / fmt if opts.format == "all" else opts.out
+            results.append(_convert_one(opts, fmt, out, source, model, quant, steps))
+    return results
+
+
+def _convert_one(opts: ConvertOptions, fmt: str, out: Path, source, model, quant: QuantSpec,
+                 steps: Steps) -> tuple[Path, dict[str, Any]]:
+    ext, lower = get_lowering(fmt, opts.scheme)
+    quiet = not log.isEnabledFor(logging.INFO)
+    parity_gate, quality_gate = _quality_gate(opts)
+    cfg = source.config
+    report: dict[str, Any] = {"format": fmt, "scheme": opts.scheme}
+    with BundleWriter(out, overwrite=opts.force) as writer:
+        writer.path("tokenizer.json").write_text(source.tokenizer_json, encoding="utf-8")
+        calibration = None
+        if opts.scheme == "w8a8-static":
+            tok = Tokenizer(writer.path("tokenizer.json"))
+            calibration = token_windows(tok, load_texts(opts.calib, "calibration"), 128, opts.calib_windows)
         model_file = f"model{ext}"
-        with steps.step(f"lowering to {opts.format}"), quiet_native_stderr(quiet):
+        label = fmt if not quant.quantized else f"{fmt} ({opts.scheme})"
+        with steps.step(f"lowering to {label}"), quiet_native_stderr(quiet):
             try:
-                lowered = lower(model, writer.path(model_file),
-                                LowerOptions(max_prefill=opts.max_prefill, prefill_lengths=tuple(opts.prefill_lengths),
-                                             threads=opts.threads))
+                lowered = lower(model, writer.path(model_file), LowerOptions(
+                    max_prefill=opts.max_prefill, prefill_lengths=tuple(opts.prefill_lengths), threads=opts.threads,
+                    quant=quant, calibration=calibration))
             except EdgeLMError:
                 raise
             except Exception as e:  # exporters raise anything; keep the message, drop the traceback
                 log.debug("lowering failed", exc_info=True)
-                raise ConversionError(f"lowering to {opts.format} failed: {type(e).__name__}: {e}") from e
+                raise ConversionError(f"lowering to {fmt} failed: {type(e).__name__}: {e}") from e
         report["lowering"] = lowered.report
-        (writer.path("tokenizer.json")).write_text(source.tokenizer_json, encoding="utf-8")
         manifest = Manifest(
-            format=opts.format, model_file=model_file, model=cfg, scheme=opts.scheme,
+            format=fmt, model_file=model_file, model=cfg, scheme=opts.scheme,
             special_tokens=source.special_tokens, chat_template=source.chat_template,
-            max_context=cfg.max_context, io=lowered.io, source=source.description,
-            versions=package_versions(), target=profile_to_dict(opts.target) if opts.target else None,
+            max_context=cfg.max_context, io={**lowered.io, "quantization": quant.to_dict()},
+            source=source.description, versions=package_versions(),
+            target=profile_to_dict(opts.target) if opts.target else None,
         )
         manifest.verification = {"lowering": lowered.report}
         tmp = writer.write_manifest(manifest)
         if opts.verify:
-            with steps.step("verifying against PyTorch"):
+            with steps.step(f"verifying {fmt} against PyTorch"):
                 engine = Engine.load(tmp, threads=opts.threads)
-                parity = check_parity(model, engine, steps=opts.verify_steps, gate=opts.gate)
-                del engine
+                parity = check_parity(model, engine, steps=opts.verify_steps, gate=parity_gate)
             manifest.verification["parity"] = parity
             report["parity"] = parity
+            evaluate = opts.evaluate if opts.evaluate is not None else quant.quantized
+            with steps.step(f"measuring {fmt} quality on held-out text" if evaluate else "quality check skipped"):
+                if evaluate:
+                    quality = quality_report(model, engine, load_texts(opts.eval, "eval"),
+                                             max_windows=opts.eval_windows, gate=quality_gate)
+                    manifest.verification["quality"] = quality
+                    report["quality"] = quality
+            del engine
         else:
-            with steps.step("verification skipped"):
-                pass
-        with steps.step("writing bundle"):
-            out = writer.commit(manifest)
-        report["timings_s"] = steps.timings
-    report["bundle"] = str(out)
+            for _ in range(2):
+                with steps.step("verification skipped"):
+                    pass
+        with steps.step(f"writing {fmt} bundle"):
+            path = writer.commit(manifest)
+    report["bundle"] = str(path)
     report["files"] = manifest.files
-    return out, report
+    report["timings_s"] = dict(steps.timings)
+    return path, report

@@ -48,49 +48,78 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(sorted({int(v) for v in value.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter("give comma-separated integers, e.g. 32,128") from None
+    if not out or out[0] < 1:
+        raise click.BadParameter("lengths must be positive integers")
+    return out
+
+
 @main.command()
 @click.argument("source", required=False)
 @click.option("-f", "--format", "fmt", default="pte", show_default=True,
-              help=f"Output format: {', '.join(FORMATS)}.")
+              help=f"Output format: {', '.join(FORMATS)}, or 'all' for one bundle of each under OUT.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write.")
 @click.option("-t", "--target", default=None,
               help="Target profile: a built-in name (see `edgelm targets list`) or a .toml file. It sets format, "
                    "scheme, context and prefill lengths and checks the model fits; explicit flags override it.")
-@click.option("--scheme", type=click.Choice(SCHEMES), default="fp32", show_default=True,
+@click.option("-q", "--quant", "--scheme", "scheme", type=click.Choice(SCHEMES), default="fp32", show_default=True,
               help="Quantization scheme.")
 @click.option("--group-size", type=click.IntRange(16), default=32, show_default=True, help="w4a8 group size.")
+@click.option("--embedding", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
+              help="Embedding table precision for quantized schemes.")
+@click.option("--lm-head", type=click.Choice(["int8", "scheme", "fp32"]), default="int8", show_default=True,
+              help="LM head precision for quantized schemes ('scheme': same as the other linears).")
+@click.option("--calib", type=click.Path(exists=True), default=None,
+              help="Calibration text (file or folder) for w8a8-static; default: the built-in set.")
+@click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
+              help="Held-out text (file or folder) for the quality report; default: the built-in set.")
+@click.option("--eval-windows", type=click.IntRange(1), default=8, show_default=True,
+              help="128-token windows of held-out text to evaluate.")
+@click.option("--evaluate/--no-evaluate", default=None,
+              help="Held-out quality report (top-1, KL, perplexity). Default: on for quantized schemes.")
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
               help="KV-cache length fixed at export (default: the model's, capped at 2048).")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
               help="Longest prompt chunk one prefill call takes; longer prompts are chunked.")
+@click.option("--prefill-lengths", callback=_lengths, default=None,
+              help="TFLite: fixed prefill signature lengths, e.g. 32,128 (a chunk is padded to the next).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads for verification.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--no-verify", is_flag=True, help="Skip the parity check against PyTorch (not recommended).")
-@click.option("--max-logit-error", type=float, default=0.05, show_default=True,
-              help="Parity gate: largest allowed logit difference to the fp32 reference.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=0.98, show_default=True,
-              help="Parity gate: smallest allowed greedy top-1 agreement with the fp32 reference.")
+@click.option("--no-verify", is_flag=True, help="Skip the checks against PyTorch (not recommended).")
+@click.option("--max-logit-error", type=float, default=None,
+              help="Parity gate: largest logit difference to the fp32 reference [fp32: 0.05; quantized: off].")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+              help="Gate: smallest greedy top-1 agreement with fp32 [fp32: 0.98; quantized: 0.80].")
+@click.option("--max-ppl-increase", type=click.FloatRange(0), default=0.25, show_default=True,
+              help="Quality gate: largest relative perplexity increase over fp32 on held-out text.")
 @click.pass_context
 def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target: str | None, scheme: str,
-            group_size: int, max_context: int | None, max_prefill: int, threads: int | None, force: bool,
-            no_verify: bool, max_logit_error: float, min_top1: float) -> None:
+            group_size: int, embedding: str, lm_head: str, calib: str | None, eval_text: str | None,
+            eval_windows: int, evaluate: bool | None, max_context: int | None, max_prefill: int,
+            prefill_lengths: tuple[int, ...] | None, threads: int | None, force: bool, no_verify: bool,
+            max_logit_error: float | None, min_top1: float | None, max_ppl_increase: float) -> None:
     """Convert SOURCE into a bundle.
 
     SOURCE is a Hugging Face model folder, a .gguf file, a hub id (org/name), or
     'builtin:tiny'. Without SOURCE the embedded default, SmolLM2-135M-Instruct, is used.
     """
-    if fmt not in FORMATS:
-        raise click.BadParameter(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}",
+    if fmt not in (*FORMATS, "all"):
+        raise click.BadParameter(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}, all",
                                  param_hint="--format")
     try:
         from edgelm.converters.pipeline import ConvertOptions
         from edgelm.converters.pipeline import convert as run_convert
-        from edgelm.converters.verify import ParityGate
     except ImportError as e:
         raise EdgeLMError(f"converting needs the conversion extra ({e}); install it with "
                           "pip install 'edgelm[convert]'") from e
     settings = {"format": fmt, "scheme": scheme, "group_size": group_size, "max_context": max_context,
-                "max_prefill": max_prefill, "prefill_lengths": ()}
+                "max_prefill": max_prefill, "prefill_lengths": prefill_lengths or ()}
     profile = None
     if target is not None:
         from edgelm.targets import apply_profile, load_profile
@@ -102,22 +131,61 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
 
         settings = apply_profile(profile, format=typed("fmt"), scheme=typed("scheme"),
                                  group_size=typed("group_size"), max_context=typed("max_context"),
-                                 max_prefill=typed("max_prefill"))
+                                 max_prefill=typed("max_prefill"), prefill_lengths=prefill_lengths)
     opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify,
-                          gate=ParityGate(max_abs_err=max_logit_error, min_top1=min_top1),
+                          embedding=embedding, lm_head=lm_head, calib=calib, eval=eval_text,
+                          eval_windows=eval_windows, evaluate=evaluate, max_logit_error=max_logit_error,
+                          min_top1=min_top1, max_ppl_increase=max_ppl_increase,
                           progress=sys.stderr.isatty(), target=profile, **settings)
-    path, report = run_convert(opts)
-    size = sum(f["size"] for f in report["files"].values())
-    click.echo(f"wrote {path} ({size / 1e6:.1f} MB)")
+    for path, report in run_convert(opts):
+        _print_report(path, report)
+
+
+def _print_report(path: Path, report: dict) -> None:
+    size = sum(f["size"] for name, f in report["files"].items() if name != "tokenizer.json")
+    click.echo(f"wrote {path} ({report['format']}, {report['scheme']}, model {size / 1e6:.1f} MB)")
     lowering = report.get("lowering", {})
     for method, d in lowering.get("delegation", {}).items():
         click.echo(f"  {method}: {d['delegated']} nodes delegated to XNNPACK in {d['delegates']} subgraphs, "
                    f"{d['not_delegated']} left to portable kernels")
+    if lowering.get("signatures"):
+        click.echo(f"  signatures: {', '.join(lowering['signatures'])}")
+    q = lowering.get("quantization")
+    if q:
+        left = q.get("linear_left_fp32") or []
+        click.echo(f"  quantized {q['linear_quantized']}/{q['linear_total']} linear layers with {q['tool']}; "
+                   f"embedding {q.get('embedding')}, lm_head {q.get('lm_head')}"
+                   + (f"; left in fp32: {', '.join(left[:6])}{' …' if len(left) > 6 else ''}" if left else ""))
     parity = report.get("parity")
     if parity:
         click.echo(f"  parity vs PyTorch fp32: max logit error {parity['max_abs_err']:.2e}, "
                    f"top-1 agreement {parity['top1_agreement']:.3f}, mean KL {parity['mean_kl']:.2e} "
                    f"over {parity['positions']} positions")
+    quality = report.get("quality")
+    if quality:
+        click.echo(f"  held-out quality: top-1 {quality['top1_agreement']:.3f}, KL {quality['mean_kl']:.4f}, "
+                   f"perplexity {quality['perplexity']:.3f} vs fp32 {quality['perplexity_fp32']:.3f} "
+                   f"({quality['perplexity_increase']:+.1%}) over {quality['tokens']} tokens")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--source", default=None, help="The fp32 source model (default: the one the manifest names).")
+@click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
+              help="Held-out text (file or folder); default: the built-in set.")
+@click.option("--eval-windows", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--update", is_flag=True, help="Write the new numbers into the bundle's manifest.")
+def evaluate(bundle: Path, source: str | None, eval_text: str | None, eval_windows: int, threads: int | None,
+             update: bool) -> None:
+    """Re-measure BUNDLE's quality (top-1, KL, perplexity) against its fp32 source, in its own runtime."""
+    from edgelm.converters.reevaluate import reevaluate
+
+    q = reevaluate(bundle, source=source, eval_text=eval_text, eval_windows=eval_windows, threads=threads,
+                   update=update)
+    click.echo(f"{bundle}: top-1 {q['top1_agreement']:.3f}, KL {q['mean_kl']:.4f}, perplexity "
+               f"{q['perplexity']:.3f} vs fp32 {q['perplexity_fp32']:.3f} ({q['perplexity_increase']:+.1%}) "
+               f"over {q['tokens']} tokens")
 
 
 @main.command()

@@ -39,7 +39,7 @@ def tiny_model(tiny_source):
 def convert_bundle(out: Path, source: str | None = TINY, fmt: str = "pte", **kwargs) -> Path:
     from edgelm.converters.pipeline import ConvertOptions, convert
 
-    path, _ = convert(ConvertOptions(source=source, out=out, format=fmt, progress=False, **kwargs))
+    [(path, _)] = convert(ConvertOptions(source=source, out=out, format=fmt, progress=False, **kwargs))
     return path
 
 

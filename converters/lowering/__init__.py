@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgelm.converters.quant import QuantSpec, check_scheme
 from edgelm.errors import FormatError
 
 FORMATS = ("pte", "onnx", "tflite")
@@ -25,6 +26,8 @@ class LowerOptions:
     max_prefill: int = 512
     prefill_lengths: tuple[int, ...] = ()
     threads: int | None = None
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    calibration: list[list[int]] | None = None  # token windows, for calibrated (static) schemes
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -38,21 +41,29 @@ class Lowered:
 
 
 LowerFn = Callable[[Any, Path, LowerOptions], Lowered]
-_REGISTRY: dict[str, tuple[str, LowerFn]] = {}
+_REGISTRY: dict[str, tuple[str, LowerFn, tuple[str, ...]]] = {}
 
 
-def register_lowering(fmt: str, extension: str) -> Callable[[LowerFn], LowerFn]:
-    """Decorator: register ``fn(model, out_path, options) -> Lowered`` for ``fmt``."""
+def register_lowering(fmt: str, extension: str, schemes: tuple[str, ...] = ("fp32",)) -> Callable[[LowerFn], LowerFn]:
+    """Decorator: register ``fn(model, out_path, options) -> Lowered`` for ``fmt`` and the
+    quantization schemes it can do."""
 
     def deco(fn: LowerFn) -> LowerFn:
-        _REGISTRY[fmt] = (extension, fn)
+        _REGISTRY[fmt] = (extension, fn, tuple(schemes))
         return fn
 
     return deco
 
 
-def get_lowering(fmt: str) -> tuple[str, LowerFn]:
-    """(file extension, lowering function) for ``fmt``; a clear error for unknown formats."""
+def supported_schemes(fmt: str) -> tuple[str, ...]:
+    """The quantization schemes the ``fmt`` lowering can do."""
+    get_lowering(fmt)
+    return _REGISTRY[fmt][2]
+
+
+def get_lowering(fmt: str, scheme: str | None = None) -> tuple[str, LowerFn]:
+    """(file extension, lowering function) for ``fmt``; a clear error for an unknown format or a
+    scheme the format cannot do."""
     if fmt not in FORMATS:
         raise FormatError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt not in _REGISTRY:
@@ -62,4 +73,7 @@ def get_lowering(fmt: str) -> tuple[str, LowerFn]:
             raise FormatError(f"the {fmt} lowering is not available: {e}") from e
     if fmt not in _REGISTRY:
         raise FormatError(f"the {fmt} lowering is not implemented yet")
-    return _REGISTRY[fmt]
+    ext, fn, schemes = _REGISTRY[fmt]
+    if scheme is not None:
+        check_scheme(fmt, scheme, schemes)
+    return ext, fn

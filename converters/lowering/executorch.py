@@ -20,6 +20,7 @@ import torch
 from torch.export import Dim, export
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
+from edgelm.converters.quant import quantize_torchao
 from edgelm.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def tie_output_to_embedding(model) -> None:
         model.output.weight = model.tok_embeddings.weight
 
 
-@register_lowering("pte", ".pte")
+@register_lowering("pte", ".pte", schemes=("fp32", "w8a8", "w4a8"))
 def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     """Export ``model`` (a canonical Decoder, fp32 or already quantized) to ``out``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -64,6 +65,11 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     m = copy.deepcopy(model).make_stateful("executorch")
     tie_output_to_embedding(m)
     m.eval()
+    quant_report = None
+    if opts.quant.quantized:
+        import executorch.kernels.quantized  # noqa: F401  out-variants of the quantized embedding
+
+        quant_report = quantize_torchao(m, opts.quant)
     pos = torch.tensor([0], dtype=torch.long)
     seq = Dim("seq", min=2, max=max_prefill)
     with torch.no_grad():
@@ -87,6 +93,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
         delegation = _delegation_summary(edge)
         et = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             external_constants=lambda node: DATA_TAG,
         ))
@@ -103,4 +110,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
              final_data.name, final_data.stat().st_size / 1e6, delegation)
     io = {"methods": ["prefill", "decode"], "max_prefill": max_prefill, "min_prefill": 2,
           "kv_cache": "mutable_buffers", "data_file": final_data.name}
-    return Lowered(out, io, {"delegation": delegation})
+    report = {"delegation": delegation}
+    if quant_report:
+        report["quantization"] = quant_report
+    return Lowered(out, io, report)

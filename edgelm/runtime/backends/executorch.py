@@ -29,6 +29,7 @@ class ExecuTorchBackend:
                 import torch
                 from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama:: kernels
                 from executorch.extension.pybindings import portable_lib
+                from executorch.kernels import quantized  # noqa: F401  quantized embedding kernels
                 from executorch.runtime import Runtime
         except ImportError as e:
             raise BackendUnavailableError(

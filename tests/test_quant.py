@@ -1,0 +1,118 @@
+"""Quantization: each scheme changes the weights it claims to, and the quality gate catches
+a broken model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgelm.converters.evaluate import QualityGate, load_texts, quality_report, token_windows
+from edgelm.converters.lowering import get_lowering, supported_schemes
+from edgelm.converters.model import build_decoder
+from edgelm.converters.quant import QuantSpec, quantize_torchao
+from edgelm.converters.sources import load_tiny
+from edgelm.errors import FormatError, SourceError, VerificationError
+from edgelm.runtime import Engine
+
+from .conftest import convert_bundle
+
+
+def _linear_weights(model):
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
+def test_torchao_schemes_quantize_what_they_claim(tiny_source, scheme):
+    model = build_decoder(tiny_source.config, tiny_source.state_dict)
+    report = quantize_torchao(model, QuantSpec(scheme, group_size=16))
+    weights = _linear_weights(model)
+    assert report["linear_quantized"] == report["linear_total"] == len(weights)
+    assert all(type(w) is not nn.Parameter for w in weights.values())
+    assert type(model.tok_embeddings.weight) is not nn.Parameter  # embedding int8 by default
+    # int4 group-wise body: at most 16 distinct levels per group
+    qdata = weights["layers.0.mlp.w_up"].qdata
+    if scheme == "w4a8":
+        assert qdata.min() >= -8 and qdata.max() <= 7
+    else:
+        assert qdata.min() >= -128 and qdata.max() <= 127 and qdata.abs().max() > 7
+    assert report["lm_head"] == "int8"
+
+
+def test_group_size_that_does_not_divide_is_reported(tiny_source):
+    cfg = tiny_source.config
+    model = build_decoder(cfg, tiny_source.state_dict)
+    report = quantize_torchao(model, QuantSpec("w4a8", group_size=128, embedding="fp32", lm_head="fp32"))
+    # dim 64 and ffn 128: only w_down (in_features 128) divides by 128
+    assert report["linear_left_fp32"] and "layers.0.mlp.w_down" not in report["linear_left_fp32"]
+    assert "layers.0.attn.wq" in report["linear_left_fp32"]
+    assert report["linear_quantized"] == cfg.n_layers
+    assert report["lm_head"] == "fp32" and type(model.tok_embeddings.weight) is nn.Parameter
+
+
+def test_unsupported_scheme_names_the_supported_ones():
+    with pytest.raises(FormatError, match="can do: fp32, w8a8, w4a8"):
+        get_lowering("pte", "w8")
+    assert "w4a8" in supported_schemes("pte")
+    with pytest.raises(FormatError, match="unknown quantization scheme"):
+        QuantSpec("int3")
+    with pytest.raises(FormatError, match="power of two"):
+        QuantSpec("w4a8", group_size=48)
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    words = "the a cat dog runs over under bright small house tree river mountain sings eats".split()
+    p = tmp_path_factory.mktemp("text") / "eval.txt"
+    p.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(4)))
+    return p
+
+
+def test_w8a8_pte_bundle_passes_quality_and_records_it(tmp_path, eval_text):
+    path = convert_bundle(tmp_path / "q", scheme="w8a8", eval=str(eval_text), eval_windows=2)
+    engine = Engine.load(path)
+    assert engine.manifest.scheme == "w8a8"
+    q = engine.manifest.verification["quality"]
+    assert q["passed"] and q["top1_agreement"] >= 0.8 and q["windows"] == 2
+    fp32 = convert_bundle(tmp_path / "f", eval=str(eval_text), eval_windows=2)
+    size = lambda p: sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".pte", ".ptd"))  # noqa: E731
+    assert size(path) < size(fp32)
+
+
+def test_quality_gate_fails_a_broken_model(tmp_path, eval_text, tiny_source):
+    # the "quantized" artifact is a model with other weights: what a broken quantization looks like
+    broken = load_tiny(seed=1)
+    assert not torch.equal(broken.state_dict["layers.0.attn.wq.weight"],
+                           tiny_source.state_dict["layers.0.attn.wq.weight"])
+    from edgelm.converters.pipeline import ConvertOptions, _convert_one
+    from edgelm.converters.progress import Steps
+
+    model = build_decoder(broken.config, broken.state_dict)
+    opts = ConvertOptions(source="builtin:tiny", out=tmp_path / "b", progress=False)
+    with Steps(4, enabled=False) as steps:
+        path, _ = _convert_one(opts, "pte", tmp_path / "b", broken, model, QuantSpec(), steps)
+    engine = Engine.load(path)
+    reference = build_decoder(tiny_source.config, tiny_source.state_dict)
+    with pytest.raises(VerificationError, match="quality gate"):
+        quality_report(reference, engine, load_texts(eval_text), max_windows=2, gate=QualityGate())
+    # and the same artifact against its own weights passes
+    ok = quality_report(model, engine, load_texts(eval_text), max_windows=2, gate=QualityGate())
+    assert ok["passed"] and ok["top1_agreement"] > 0.99
+
+
+def test_text_loading_errors(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        load_texts(tmp_path / "none.txt")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(SourceError, match="no text files"):
+        load_texts(tmp_path / "d")
+    (tmp_path / "d" / "a.txt").write_text("short")
+    from edgelm.converters.sources import tiny_tokenizer_json
+    from edgelm.tokenizer import Tokenizer
+
+    (tmp_path / "tok.json").write_text(tiny_tokenizer_json())
+    with pytest.raises(SourceError, match="need at least"):
+        token_windows(Tokenizer(tmp_path / "tok.json"), load_texts(tmp_path / "d"), 128, 4)
