@@ -148,8 +148,11 @@ class Attention(nn.Module):
             self.k_cache.index_copy_(2, pos, k)
             self.v_cache.index_copy_(2, pos, v)
             keys, values = self.k_cache, self.v_cache
-        else:
+        elif start_pos is None:
             keys, values = cache[0].index_copy(2, pos, k), cache[1].index_copy(2, pos, v)
+        else:  # window: the filled rows [0, start_pos) and the new ones, not the whole cache
+            keys = torch.cat((cache[0].narrow(2, 0, start_pos), k), dim=2)
+            values = torch.cat((cache[1].narrow(2, 0, start_pos), v), dim=2)
         return self.wo(self._attend(q, keys, values, mask)), (k, v)
 
 
@@ -204,6 +207,9 @@ class Decoder(nn.Module):
         self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
         self.register_buffer("rope_rot", rotate_half_matrix(cfg.head_dim), persistent=False)
         self.full_logits = False
+        # functional mode only: attend to cache rows [0, start_pos) plus the new rows instead of all
+        # max_context (a data-dependent shape: for dynamic-shape exporters such as ONNX, not TFLite)
+        self.window_attention = False
         self.impl = "plain"
         self.stateful = False
 
@@ -242,6 +248,11 @@ class Decoder(nn.Module):
             start_pos = None
             pos = input_pos[0] + torch.arange(s, dtype=torch.long)
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            if self.window_attention and caches is not None:  # attend to the filled rows only
+                start_pos = input_pos[0].item()
+                torch._check(start_pos >= 0)
+                torch._check(start_pos + s <= t)
+                t = start_pos + s
             allowed = torch.arange(t, dtype=torch.long)[None, :] <= pos[:, None]
             mask = torch.where(allowed, 0.0, float("-inf"))
         x = self.tok_embeddings(tokens)

@@ -59,9 +59,23 @@ def smollm2_source():
 
 
 @pytest.fixture(scope="session")
-def smollm2_pte(tmp_path_factory, smollm2_source) -> Path:
-    """The real SmolLM2-135M-Instruct as a verified .pte bundle (converted once per session)."""
-    return convert_bundle(tmp_path_factory.mktemp("smollm2") / "smollm2-pte", source=None, max_prefill=SMOLLM2_PREFILL)
+def smollm2_bundles(tmp_path_factory, smollm2_source):
+    """``get(fmt)``: the real SmolLM2-135M-Instruct as a verified bundle, converted once per session."""
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("smollm2")
+
+    def get(fmt: str) -> Path:
+        if fmt not in cache:
+            cache[fmt] = convert_bundle(root / f"smollm2-{fmt}", source=None, fmt=fmt, max_prefill=SMOLLM2_PREFILL,
+                                        prefill_lengths=(16, SMOLLM2_PREFILL))
+        return cache[fmt]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_pte(smollm2_bundles) -> Path:
+    return smollm2_bundles("pte")
 
 
 @pytest.fixture(scope="session")

@@ -58,8 +58,9 @@ def check_matches_transformers(bundle, hf_smollm2):
     assert longest > engine.backend.max_prefill == SMOLLM2_PREFILL  # one prompt was prefilled in chunks
 
 
-def test_pte_greedy_matches_transformers(smollm2_pte, hf_smollm2):
-    check_matches_transformers(smollm2_pte, hf_smollm2)
+@pytest.mark.parametrize("fmt", ["pte", "onnx", "tflite"])
+def test_greedy_matches_transformers(fmt, smollm2_bundles, hf_smollm2):
+    check_matches_transformers(smollm2_bundles(fmt), hf_smollm2)
 
 
 def test_pte_chat_answer_is_sensible(smollm2_pte):

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
-from edgelm.errors import ConversionError
+from edgelm.errors import ConversionError, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,215 @@ def _io(cfg, lengths: tuple[int, ...]) -> dict:
     }
 
 
-@register_lowering("tflite", ".tflite")
+# --- quantization -------------------------------------------------------------------------------
+
+#: ai-edge-quantizer runs on the converted file; litert-torch's own ``quant_config`` is a thin layer
+#: over the same tool that selects ops by module-name regexes (its generative recipes), so it cannot
+#: tell a projection from the RMSNorm / RoPE matmuls, which are FULLY_CONNECTED ops here too.
+QUANT_TOOL = "ai-edge-quantizer"
+#: Block sizes ai-edge-quantizer can write for int4 weights (``QuantGranularity.BLOCKWISE_<n>``).
+BLOCK_SIZES = (32, 64, 128, 256)
+#: scheme -> (weight bits of the body linears, activations quantized to int8 on the fly)
+SCHEME_WEIGHTS = {"w8": (8, False), "w8a8": (8, True), "w4a8": (4, True)}
+_FC, _EMBEDDING, _DEQUANTIZE = "FULLY_CONNECTED", "EMBEDDING_LOOKUP", "DEQUANTIZE"
+
+
+def _digest(array) -> bytes:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data, digest_size=16).digest()
+
+
+def _op_names(fm) -> list[str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return [names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "?") for c in fm.operatorCodes]
+
+
+def _find_targets(fm, model) -> tuple[dict[str, list[str]], list[str]]:
+    """Which ops of the float file hold the model's weights: ``{linear name: [op scope, ...]}``
+    (one scope per signature) and the scopes of the embedding lookups.
+
+    A FULLY_CONNECTED op is a model linear when its constant weight has exactly the bytes of an
+    ``nn.Linear`` weight. Tensor names are no help: the converter fuses them (``wk``'s output
+    is named after ``wq`` and ``wk``) and the RMSNorm mean and the RoPE rotation are
+    FULLY_CONNECTED ops with constant weights too; those stay float, as in the other formats.
+    """
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    by_digest: dict[bytes, list[str]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            by_digest.setdefault(_digest(mod.weight.detach().float().numpy()), []).append(name)
+    ops = _op_names(fm)
+    digests: dict[int, bytes] = {}
+    linears: dict[str, list[str]] = {n: [] for names in by_digest.values() for n in names}
+    embeddings = []
+    for sg in fm.subgraphs:
+        for op in sg.operators:
+            kind = ops[op.opcodeIndex]
+            if kind not in (_FC, _EMBEDDING) or len(op.inputs) < 2 or op.inputs[1] < 0:
+                continue
+            w = sg.tensors[op.inputs[1]]
+            if fm.buffers[w.buffer].data is None:  # not a constant
+                continue
+            scope = fu.get_op_scope(op, sg.tensors)
+            if kind == _EMBEDDING:
+                embeddings.append(scope)
+                continue
+            if w.buffer not in digests:
+                digests[w.buffer] = _digest(fu.get_tensor_data(w, fm.buffers))
+            for name in by_digest.get(digests[w.buffer], ()):
+                linears[name].append(scope)
+    return linears, embeddings
+
+
+def _weight_types(fm) -> dict[str, str]:
+    """``{op scope: weight dtype}`` of every FULLY_CONNECTED / EMBEDDING_LOOKUP op with a constant
+    (or dequantized constant) weight: ``float32``, ``int8``, ``int4``..."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    ops = _op_names(fm)
+    out = {}
+    for sg in fm.subgraphs:
+        producer = {o: op for op in sg.operators for o in op.outputs}
+        for op in sg.operators:
+            if ops[op.opcodeIndex] not in (_FC, _EMBEDDING) or len(op.inputs) < 2 or op.inputs[1] < 0:
+                continue
+            w = sg.tensors[op.inputs[1]]
+            src = producer.get(op.inputs[1])
+            if src is not None and ops[src.opcodeIndex] == _DEQUANTIZE:  # weight-only: int -> DEQUANTIZE -> op
+                w = sg.tensors[src.inputs[0]]
+            if fm.buffers[w.buffer].data is None:
+                continue
+            out[fu.get_op_scope(op, sg.tensors)] = types[w.type]
+    return out
+
+
+def _op_config(bits: int, granularity, dynamic: bool):
+    """Weights of ``bits`` (symmetric); ``dynamic``: the kernel quantizes activations to int8 on the
+    fly (integer compute), else an explicit DEQUANTIZE feeds a float op (weight-only)."""
+    from ai_edge_quantizer import qtyping
+
+    return qtyping.OpQuantizationConfig(
+        weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=bits, symmetric=True, granularity=granularity),
+        compute_precision=qtyping.ComputePrecision.INTEGER if dynamic else qtyping.ComputePrecision.FLOAT,
+        explicit_dequantize=not dynamic)
+
+
+def check_quant(spec) -> None:
+    """Fail before the (long) conversion if ``spec`` asks for something the quantizer cannot write."""
+    if spec.scheme == "w4a8" and spec.group_size not in BLOCK_SIZES:
+        raise FormatError(f"the tflite format writes int4 weights in blocks of {', '.join(map(str, BLOCK_SIZES))} "
+                          f"(ai-edge-quantizer), not {spec.group_size}; choose one of those group sizes")
+
+
+def _exactly(scopes: Sequence[str]) -> str:
+    import re
+
+    return "^(?:" + "|".join(re.escape(s) for s in scopes) + ")$"
+
+
+def quantize_tflite(path: Path, model: nn.Module, spec) -> dict:
+    """Quantize the float ``.tflite`` at ``path`` in place with ai-edge-quantizer; return the report.
+
+    * ``w8``: int8 weights per output channel, explicitly dequantized into float ops (weight-only);
+    * ``w8a8``: int8 weights per output channel, int8 activations quantized on the fly (dynamic range);
+    * ``w4a8``: int4 weights in blocks of ``spec.group_size`` along the input, dynamic int8 activations.
+      A linear whose ``in_features`` the block size does not divide stays float and is listed.
+
+    The embedding lookup is int8 per row (``spec.embedding``); the LM head follows ``spec.lm_head``
+    (int8 per channel, the body scheme, or fp32). A tied embedding / LM head stays one int8 buffer
+    when both are int8 per row; otherwise the quantizer gives each consumer its own copy.
+    Weights are shared across signatures before and after. The counts come from the written
+    file, not from the recipe.
+    """
+    from ai_edge_quantizer import qtyping, quantizer
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    check_quant(spec)
+    bits, dynamic = SCHEME_WEIGHTS[spec.scheme]
+    G = qtyping.QuantGranularity
+    body_granularity = G(f"BLOCKWISE_{spec.group_size}") if bits == 4 else G.CHANNELWISE
+    body = _op_config(bits, body_granularity, dynamic)
+    int8 = _op_config(8, G.CHANNELWISE, dynamic)
+    t0 = time.perf_counter()
+    data = path.read_bytes()
+    linears, embeddings = _find_targets(fu.read_model(data), model)
+    modules = dict(model.named_modules())
+    head = "output"
+    skipped = sorted(n for n in linears if bits == 4 and modules[n].in_features % spec.group_size
+                     and not (n == head and spec.lm_head == "int8"))
+    if skipped:
+        log.warning("%d linear(s) have in_features not divisible by the block size %d and stay float: %s",
+                    len(skipped), spec.group_size, ", ".join(skipped[:4]) + (" ..." if len(skipped) > 4 else ""))
+    q = quantizer.Quantizer(data)
+    fc = qtyping.TFLOperationName.FULLY_CONNECTED
+    body_scopes = [s for n, scopes in linears.items() if n != head and n not in skipped for s in scopes]
+    if body_scopes:
+        q.update_quantization_recipe(_exactly(body_scopes), fc, body)
+    head_config = {"int8": int8, "scheme": body, "fp32": None}[spec.lm_head]
+    if head_config is not None and linears.get(head) and head not in skipped:
+        q.update_quantization_recipe(_exactly(linears[head]), fc, head_config)
+    if spec.embedding == "int8" and embeddings:
+        # the lookup reads int8 rows and scales them (no DEQUANTIZE of the whole table)
+        q.update_quantization_recipe(_exactly(embeddings), qtyping.TFLOperationName.EMBEDDING_LOOKUP,
+                                     _op_config(8, G.CHANNELWISE, True))
+    if not q.get_quantization_recipe():
+        raise ConversionError("found no weights to quantize in the converted model")
+    result = q.quantize(enable_progress_bar=log.isEnabledFor(logging.DEBUG), enable_progress_report=False)
+    quantized = bytes(result.quantized_model)
+    path.write_bytes(quantized)
+    del q, result, data
+    types = _weight_types(fu.read_model(quantized))
+
+    def dtype_of(scopes: Sequence[str]) -> str:
+        found = {types.get(s, "missing") for s in scopes}
+        return found.pop() if len(found) == 1 else "mixed(" + ",".join(sorted(found)) + ")"
+
+    dtypes = {n: dtype_of(scopes) for n, scopes in linears.items() if scopes}
+    done = sorted(n for n, t in dtypes.items() if t in ("int8", "int4"))
+    fc_types: dict[str, int] = {}
+    for t in types.values():
+        fc_types[t] = fc_types.get(t, 0) + 1
+    report = {
+        "tool": QUANT_TOOL,
+        "linear_total": len(linears),
+        "linear_quantized": len(done),
+        "linear_left_fp32": sorted(set(linears) - set(done)),
+        "embedding": dtype_of(embeddings) if embeddings else "none",
+        "lm_head": dtypes.get(head, "fp32"),
+        "weights": f"int{bits}",
+        "granularity": "blockwise" if bits == 4 else "per-channel",
+        "block_size": spec.group_size if bits == 4 else None,
+        "activations": "int8 dynamic" if dynamic else "float (weights dequantized)",
+        "weight_ops_by_dtype": fc_types,  # FULLY_CONNECTED + EMBEDDING_LOOKUP ops, all signatures
+        "quantize_s": round(time.perf_counter() - t0, 2),
+    }
+    if dtypes.get(head) == "float32":
+        report["lm_head"] = "fp32"
+    if report["embedding"] == "float32":
+        report["embedding"] = "fp32"
+    missing = [n for n, scopes in linears.items() if not scopes]
+    if missing:  # the converter changed these weights (e.g. folded something in): not found, not quantized
+        report["linear_not_found"] = missing
+    return report
+
+
+@register_lowering("tflite", ".tflite", schemes=("fp32", "w8", "w8a8", "w4a8"))
 def lower_tflite(model, out: Path, opts: LowerOptions) -> Lowered:
     """Export ``model`` (a canonical Decoder) to ``out`` with decode and prefill signatures."""
     import litert_torch
 
     cfg = model.cfg
     lengths = choose_prefill_lengths(opts.prefill_lengths, opts.max_prefill, cfg.max_context)
+    if opts.quant.quantized:
+        check_quant(opts.quant)
     m = copy.deepcopy(model).eval()
     if cfg.tie_embeddings:  # one tensor, so the file stores it once
         m.output.weight = m.tok_embeddings.weight
@@ -214,11 +416,20 @@ def lower_tflite(model, out: Path, opts: LowerOptions) -> Lowered:
         edge.export(str(out))
     size = out.stat().st_size
     weights = cfg.num_parameters() * 4
+    quant_report = None
+    if opts.quant.quantized:
+        quant_report = quantize_tflite(out, m, opts.quant)
+        log.info("quantized %s to %s: %.1f MB -> %.1f MB in %.0f s", out.name, opts.quant.scheme, size / 1e6,
+                 out.stat().st_size / 1e6, quant_report["quantize_s"])
+    fp32_size, size = size, out.stat().st_size
     log.info("wrote %s (%.1f MB; fp32 weights %.1f MB) with signatures %s in %.0f s", out, size / 1e6,
              weights / 1e6, ", ".join(steps), time.perf_counter() - t0)
-    if size > 1.25 * weights + (4 << 20):
+    if fp32_size > 1.25 * weights + (4 << 20):
         log.warning("%s is %.1f MB for %.1f MB of weights: weights may be stored more than once", out.name,
-                    size / 1e6, weights / 1e6)
+                    fp32_size / 1e6, weights / 1e6)
     report = {"signatures": steps, "file_bytes": size, "fp32_weight_bytes": weights,
               "convert_s": round(t1 - t0, 2), "export_s": round(time.perf_counter() - t1, 2)}
+    if quant_report:
+        report["fp32_file_bytes"] = fp32_size
+        report["quantization"] = quant_report
     return Lowered(out, _io(cfg, lengths), report)

@@ -1,0 +1,151 @@
+"""ONNX Runtime backend: runs ``model.onnx`` (see ``edgelm.converters.lowering.onnx``) on the CPU.
+
+The backend owns the KV cache: one preallocated float32 buffer per layer and K/V,
+``[1, kv_heads, max_context, head_dim]``, bound to ``past_key_values.{i}.*`` once with
+I/O binding (ONNX Runtime reads it in place, no copy). The graph returns only the new
+rows (``present.{i}.*``, ``[1, kv_heads, S, head_dim]``), which land in small
+preallocated output buffers and are written into the cache at ``[start_pos:start_pos+S]``.
+A decode step thus moves one token id, one position, one K/V row per layer and the
+logits; never the whole cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.bundle import Manifest
+from edgelm.errors import BackendUnavailableError, BundleError
+from edgelm.runtime.backends import default_threads, quiet_native_stderr, register_backend
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"this bundle is an ONNX bundle and onnxruntime is not installed ({e}); "
+            "install it with: pip install 'edgelm[onnx]'"
+        ) from e
+    return onnxruntime
+
+
+@register_backend("onnx")
+class OnnxRuntimeBackend:
+    """Backend for ``format == "onnx"`` bundles."""
+
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None) -> None:
+        ort = _import_ort()
+        self.threads = threads or default_threads()
+        io = manifest.io
+        self.max_prefill = int(io.get("max_prefill", 1))
+        self.min_prefill = int(io.get("min_prefill", 1))
+        model = root / manifest.model_file
+        if io.get("data_file") and not (root / io["data_file"]).is_file():
+            raise BundleError(f"{root / io['data_file']}: the model's weight file is missing; copy the whole bundle")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 0 if log.isEnabledFor(logging.DEBUG) else 3
+        try:
+            with quiet_native_stderr(not log.isEnabledFor(logging.DEBUG)):
+                self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, NoSuchFile...)
+            raise BundleError(f"{model}: ONNX Runtime cannot load this model ({type(e).__name__}: {e}); "
+                              "is it really an .onnx written by edgelm? convert the model again") from e
+        self._setup(model, io)
+
+    # -- setup ---------------------------------------------------------------------
+    def _setup(self, model: Path, io: dict) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        n = len([k for k in inputs if k.startswith("past_key_values.")]) // 2
+        past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        missing = [k for k in ("input_ids", "position_ids", *past) if k not in inputs]
+        missing += [k for k in ("logits", *present) if k not in outputs]
+        if n == 0:
+            missing.append("past_key_values.{i}.key|value")
+        if missing:
+            raise BundleError(f"{model}: the graph does not have the inputs/outputs edgelm expects "
+                              f"(missing {', '.join(missing[:5])}); is it an .onnx written by edgelm? "
+                              "convert the model again")
+        present_contains = io.get("kv_cache", {}).get("present_contains", "new_rows")
+        if present_contains != "new_rows":
+            raise BundleError(f"{model}: present holds {present_contains!r}; this edgelm reads 'new_rows' only")
+        self.n_layers = n
+        self._past_names, self._present_names = past, present
+        self.caches: list[np.ndarray] = []
+        for name in past:
+            shape, dtype = inputs[name].shape, _DTYPES.get(inputs[name].type)
+            if dtype is None or any(not isinstance(d, int) for d in shape):
+                raise BundleError(f"{model}: {name} must be a static float tensor, got {inputs[name].type} {shape}")
+            self.caches.append(np.zeros(shape, dtype=dtype))
+        self.max_context = self.caches[0].shape[2]
+        vocab = outputs["logits"].shape[-1]
+        if not isinstance(vocab, int):
+            raise BundleError(f"{model}: logits must have a static vocab axis, got {outputs['logits'].shape}")
+
+        # Decode: every buffer preallocated and bound once; a step writes two integers.
+        self._tok = np.zeros((1, 1), dtype=np.int64)
+        self._pos = np.zeros((1, 1), dtype=np.int64)
+        self._logits = np.zeros((1, vocab), dtype=np.float32)
+        self._rows = [np.zeros((*c.shape[:2], 1, c.shape[3]), dtype=c.dtype) for c in self.caches]
+        b = self.session.io_binding()
+        self._bind_array(b, "input_ids", self._tok, True)
+        self._bind_array(b, "position_ids", self._pos, True)
+        for name, cache in zip(past, self.caches):
+            self._bind_array(b, name, cache, True)
+        self._bind_array(b, "logits", self._logits, False)
+        for name, row in zip(present, self._rows):
+            self._bind_array(b, name, row, False)
+        self._decode_binding = b
+
+    @staticmethod
+    def _bind_array(binding, name: str, arr: np.ndarray, is_input: bool) -> None:
+        """Bind ``arr``'s memory (no copy); ONNX Runtime reads/writes it in place on every run."""
+        assert arr.flags.c_contiguous
+        bind = binding.bind_input if is_input else binding.bind_output
+        bind(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+    def _check_room(self, start_pos: int, n: int) -> None:
+        if start_pos < 0 or start_pos + n > self.max_context:
+            raise ValueError(f"positions {start_pos}..{start_pos + n - 1} do not fit max_context {self.max_context}")
+
+    # -- steps -----------------------------------------------------------------------
+    def prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1)
+        s = tokens.shape[1]
+        self._check_room(start_pos, s)
+        positions = np.arange(start_pos, start_pos + s, dtype=np.int64).reshape(1, -1)
+        logits = np.empty_like(self._logits)
+        rows = [np.empty((*c.shape[:2], s, c.shape[3]), dtype=c.dtype) for c in self.caches]
+        b = self.session.io_binding()
+        self._bind_array(b, "input_ids", tokens, True)
+        self._bind_array(b, "position_ids", positions, True)
+        for name, cache in zip(self._past_names, self.caches):
+            self._bind_array(b, name, cache, True)
+        self._bind_array(b, "logits", logits, False)
+        for name, row in zip(self._present_names, rows):
+            self._bind_array(b, name, row, False)
+        self.session.run_with_iobinding(b)
+        for cache, row in zip(self.caches, rows):
+            cache[:, :, start_pos:start_pos + s] = row
+        return logits.reshape(-1)
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        self._check_room(pos, 1)
+        self._tok[0, 0] = token
+        self._pos[0, 0] = pos
+        self.session.run_with_iobinding(self._decode_binding)
+        for cache, row in zip(self.caches, self._rows):
+            cache[:, :, pos:pos + 1] = row
+        return self._logits.reshape(-1).copy()
