@@ -68,3 +68,43 @@ def test_prompt_longer_than_context(tiny_pte):
                                          (["inspect", "nowhere"], "does not exist")])
 def test_missing_bundle(args, needle):
     assert_clean_error(edgelm(*args), needle)
+
+
+def test_convert_with_target_profiles_records_their_choices(tmp_path):
+    from edgelm.targets import load_profile
+
+    # the tiny model has random weights: int4 hurts it far more than a trained model, so the
+    # quality gates are relaxed here; this test is about the profiles, tests/test_quant.py about quality
+    relaxed = ("--eval-windows", "1", "--min-top1", "0.2", "--max-ppl-increase", "2")
+    out = tmp_path / "pi5"
+    proc = edgelm("convert", "builtin:tiny", "--target", "raspberry-pi-5", "-o", out, *relaxed, check=True)
+    assert "wrote" in proc.stdout
+    manifest = json.loads(edgelm("inspect", out, "--json", check=True).stdout)
+    profile = load_profile("raspberry-pi-5")
+    assert manifest["target"]["name"] == "raspberry-pi-5"
+    assert manifest["format"] == profile.convert.formats[0]
+    assert manifest["scheme"] == profile.convert.scheme == "w4a8"
+    assert manifest["max_context"] == profile.convert.max_context
+    assert manifest["io"]["quantization"]["group_size"] == profile.convert.group_size
+    assert edgelm("run", out, "hello", "-n", "4", check=True).returncode == 0
+    # explicit flags override the profile
+    out2 = tmp_path / "android"
+    edgelm("convert", "builtin:tiny", "--target", "android-arm64", "-q", "w8a8", "--max-context", "64", "-o", out2,
+           *relaxed, check=True)
+    m2 = json.loads(edgelm("inspect", out2, "--json", check=True).stdout)
+    android = load_profile("android-arm64")
+    assert m2["scheme"] == "w8a8" != android.convert.scheme and m2["max_context"] == 64
+    assert m2["target"]["name"] == "android-arm64" and m2["format"] == android.convert.formats[0]
+    assert edgelm("run", out2, "hello", "-n", "4", check=True).returncode == 0
+
+
+def test_target_errors_are_clean(tmp_path):
+    assert_clean_error(edgelm("convert", "builtin:tiny", "--target", "raspberry-pi-9", "-o", tmp_path / "o"),
+                       "raspberry-pi-9")
+    bad = tmp_path / "board.toml"
+    bad.write_text('extends = "raspberry-pi-5"\n[convert]\nthreads = 0\n')
+    assert_clean_error(edgelm("convert", "builtin:tiny", "--target", bad, "-o", tmp_path / "o"),
+                       "convert.threads")
+    out = edgelm("targets", "list", check=True).stdout
+    assert "raspberry-pi-4" in out and "x86-64" in out
+    assert "Cortex-A76" in edgelm("targets", "show", "raspberry-pi-5", check=True).stdout
