@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from edgelm.deploy.commands import deploy_command, device_options, run_device_bench
 from edgelm.errors import EdgeLMError
 
 FORMATS = ("pte", "onnx", "tflite")
@@ -263,23 +264,55 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 @click.option("--eager", "eager", is_flag=True,
               help="Add the PyTorch eager transformers baseline row (needs the conversion extra).")
 @click.option("--source", default=None, help="Model for the eager row (default: the embedded SmolLM2).")
-@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="Threads for every row.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="Threads for every row [default: 2 here; on a device, the bundle's target profile or 2].")
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per row.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("-n", "--new-tokens", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--prompt", default=None, help="Prompt (chat-formatted when the model has a template).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write results here.")
-def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int, runs: int, warmup: int,
-          new_tokens: int, prompt: str | None, json_out: Path | None) -> None:
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the results as JSON to this file ('-': print the JSON instead of the table).")
+@device_options(required=False)
+def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, warmup: int,
+          new_tokens: int, prompt: str | None, json_out: Path | None, device: str | None, workdir: str | None,
+          ssh_config: Path | None, install: bool, device_python: str | None, connect_timeout: int,
+          pip_args: tuple[str, ...]) -> None:
     """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
 
     Each row runs in its own process with the same thread count and prompt; figures are medians
-    of --runs timed generations of exactly --new-tokens tokens after --warmup.
+    of --runs timed generations of exactly --new-tokens tokens after --warmup. With --device the
+    bundles are deployed (as `edgelm deploy` does) and timed on that device instead.
     """
     from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row
 
+    to_stdout = json_out is not None and str(json_out) == "-"
+    if device is not None:
+        if not bundles:
+            raise click.UsageError("give at least one bundle to run on the device")
+        if eager:
+            raise click.UsageError("--eager runs on this machine only; leave it out with --device")
+        if to_stdout:
+            import contextlib
+            import io
+
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):  # the table; the JSON alone goes to stdout
+                results = run_device_bench(bundles, device, workdir=workdir, ssh_config=ssh_config, install=install,
+                                           device_python=device_python, connect_timeout=connect_timeout,
+                                           threads=threads, runs=runs, warmup=warmup, new_tokens=new_tokens,
+                                           prompt=prompt, json_out=None, pip_args=pip_args)
+            from edgelm.deploy.remote_bench import device_report
+
+            click.echo(buf.getvalue(), err=True, nl=False)
+            click.echo(json.dumps(device_report(results), indent=2))
+            return
+        run_device_bench(bundles, device, workdir=workdir, ssh_config=ssh_config, install=install,
+                         device_python=device_python, connect_timeout=connect_timeout, threads=threads, runs=runs,
+                         warmup=warmup, new_tokens=new_tokens, prompt=prompt, json_out=json_out, pip_args=pip_args)
+        return
     if not bundles and not eager:
         raise click.UsageError("give at least one bundle, or --eager")
+    threads = threads or 2
     common = {"prompt": prompt or DEFAULT_PROMPT, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
               "threads": threads}
     rows = [{"kind": "eager", "source": source, **common}] if eager else []
@@ -289,12 +322,19 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
         click.echo(f"running {row['kind']} {row.get('bundle', row.get('source') or '')}...", err=True)
         results.append(run_row(row))
     info = machine_info()
+    report = {"machine": info, "rows": results}
+    if to_stdout:
+        click.echo(json.dumps(report, indent=2))
+        return
     click.echo(f"machine: {info.get('cpu', '?')}, {info['cores']} cores, {threads} threads per row; "
                f"{new_tokens} new tokens, median of {runs} runs after {warmup} warm-up")
     click.echo(format_table(results, baseline="pytorch eager fp32" if eager else None))
     if json_out:
-        json_out.write_text(json.dumps({"machine": info, "rows": results}, indent=2) + "\n")
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_out}", err=True)
+
+
+main.add_command(deploy_command)
 
 
 @main.group("targets")

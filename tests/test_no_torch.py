@@ -9,6 +9,8 @@ CODE = """
 import sys
 import edgelm, edgelm.runtime, edgelm.bundle, edgelm.tokenizer, edgelm.sampling, edgelm.cli
 import edgelm.runtime.backends
+import edgelm.deploy, edgelm.deploy.transports, edgelm.deploy.deploy, edgelm.deploy.ondevice
+import edgelm.deploy.remote_bench, edgelm.deploy.commands
 heavy = [m for m in ("torch", "executorch", "transformers") if m in sys.modules]
 assert not heavy, heavy
 print("ok")

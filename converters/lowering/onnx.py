@@ -27,6 +27,11 @@ Weights are stored inside ``model.onnx`` unless they are too big for protobuf's 
 limit (or ``LowerOptions.extra["external_data"]`` is true): then they go to
 ``model.onnx.data`` beside it, which the bundle carries and the manifest names. A tied
 embedding / LM head is one initializer used by both the Gather and the MatMul.
+
+Quantized schemes (w8, w8a8, w4a8, w8a8-static) export the same fp32 graph to a scratch
+folder and quantize that file with ``onnxruntime.quantization`` (:mod:`.onnx_quant`); the
+report's ``quantization`` section counts what the final graph really holds. ONNX Runtime
+session settings a scheme needs travel in the manifest's ``io.session_config``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ SEQ_AXIS = "sequence_length"
 # Protobuf cannot hold a model over 2 GB; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 PRESENT = "new_rows"
+# What onnx_quant maps to onnxruntime.quantization (see there for the tools and ops).
+SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
 
 
 def input_names(n_layers: int) -> list[str]:
@@ -117,7 +124,7 @@ def _initializer_bytes(model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-@register_lowering("onnx", ".onnx")
+@register_lowering("onnx", ".onnx", schemes=SCHEMES)
 def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     """Export ``model`` (a canonical Decoder) to ``out`` (+ ``out.data`` for large weights)."""
     cfg = model.cfg
@@ -152,10 +159,15 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
             "edgelm.max_context": str(cfg.max_context), "edgelm.max_prefill": str(max_prefill)}
     graph.metadata_props.update(meta)
 
-    weights = _initializer_bytes(graph)
-    external = bool(opts.extra.get("external_data", weights > EXTERNAL_DATA_THRESHOLD))
     data = out.with_name(out.name + ".data")
-    program.save(out, external_data=external)
+    quant_report = None
+    if not opts.quant.quantized:
+        weights = _initializer_bytes(graph)
+        external = bool(opts.extra.get("external_data", weights > EXTERNAL_DATA_THRESHOLD))
+        program.save(out, external_data=external)
+        opset = OPSET
+    else:
+        weights, external, opset, quant_report = _save_quantized(program, out, opts, max_prefill, meta)
     if external and not data.is_file():
         raise ConversionError(f"the ONNX exporter did not write the weight file {data.name}")
     size = out.stat().st_size + (data.stat().st_size if external else 0)
@@ -165,7 +177,7 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     kv_heads = [int(h) for h in cfg.n_kv_heads]
     io = {
         "graph": "single",  # one graph, dynamic sequence_length, for prefill and decode
-        "opset": OPSET,
+        "opset": opset,
         "max_prefill": max_prefill,
         "min_prefill": 1,
         "inputs": {
@@ -189,7 +201,37 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
         },
         "data_file": data.name if external else None,
     }
+    if quant_report is not None:
+        from edgelm.converters.lowering.onnx_quant import session_config
+
+        io["session_config"] = session_config(opts.quant.scheme)
     attention = "window_attention" if getattr(step.decoder, "window_attention", False) else "config_window"
     report = {"file_mb": round(size / 1e6, 1), "weights_mb": round(weights / 1e6, 1), "external_data": external,
-              "opset": OPSET, "attention": attention}
+              "opset": opset, "attention": attention}
+    if quant_report is not None:
+        report["quantization"] = quant_report
     return Lowered(out, io, report)
+
+
+def _save_quantized(program, out: Path, opts: LowerOptions, max_prefill: int, meta: dict[str, str]):
+    """Save the fp32 export to a scratch folder, quantize it (:mod:`.onnx_quant`) and write ``out``
+    (+ ``out.data`` when large). Returns (weight bytes, external, opset, quantization report)."""
+    import tempfile
+
+    import onnx
+
+    from edgelm.converters.lowering.onnx_quant import quantize_file
+
+    with tempfile.TemporaryDirectory(prefix="edgelm-onnx-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        program.save(fp32, external_data=_initializer_bytes(program.model) > EXTERNAL_DATA_THRESHOLD)
+        model, report = quantize_file(fp32, opts.quant, opts.calibration, chunk=max_prefill)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {**meta, "edgelm.scheme": opts.quant.scheme})
+    weights = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    external = bool(opts.extra.get("external_data", weights > EXTERNAL_DATA_THRESHOLD))
+    data = out.with_name(out.name + ".data")
+    onnx.save_model(model, str(out), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    return weights, external, opset, report

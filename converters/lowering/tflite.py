@@ -23,15 +23,24 @@ the cache by the transposed query instead and transposes the small score block.
 
 Integer inputs are int32 in the file. Everything else is the canonical decoder's own
 modules and weights; the parity gate runs this file against the eager decoder.
+
+Quantized schemes (``w8``, ``w8a8``, ``w4a8``) are applied to the converted float file
+with ai-edge-quantizer (see :func:`quantize_tflite`): the model's linears are found by
+their weight bytes, the embedding lookup by its op, and only those are quantized, so the
+RMSNorm and RoPE matmuls stay float as in the other formats. The signatures keep their
+I/O, and the weights stay shared across signatures. ``w8a8-static`` is not offered:
+full-integer activations through attention and the cache I/O are a different graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -277,6 +286,37 @@ def _weight_types(fm) -> dict[str, str]:
     return out
 
 
+def _untie_head(fm, head_scopes: Sequence[str]) -> bool:
+    """Give the LM head's FULLY_CONNECTED ops (in every signature) their own weight tensor over one new
+    buffer, where they read the embedding lookup's tensor. Returns whether anything changed."""
+    import copy as _copy
+
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    ops = _op_names(fm)
+    heads = set(head_scopes)
+    new_buffer: dict[int, int] = {}
+    for sg in fm.subgraphs:
+        lookups = {op.inputs[1] for op in sg.operators if ops[op.opcodeIndex] == _EMBEDDING}
+        for op in sg.operators:
+            if (ops[op.opcodeIndex] != _FC or op.inputs[1] not in lookups
+                    or fu.get_op_scope(op, sg.tensors) not in heads):
+                continue
+            shared = sg.tensors[op.inputs[1]]
+            if shared.buffer not in new_buffer:
+                buf = schema.BufferT()
+                buf.data = fm.buffers[shared.buffer].data  # serialized as a second copy
+                fm.buffers.append(buf)
+                new_buffer[shared.buffer] = len(fm.buffers) - 1
+            own = _copy.copy(shared)
+            own.name = fu.get_tensor_name(shared).encode() + b"/lm_head"
+            own.buffer = new_buffer[shared.buffer]
+            sg.tensors.append(own)
+            op.inputs = [*op.inputs[:1], len(sg.tensors) - 1, *op.inputs[2:]]
+    return bool(new_buffer)
+
+
 def _op_config(bits: int, granularity, dynamic: bool):
     """Weights of ``bits`` (symmetric); ``dynamic``: the kernel quantizes activations to int8 on the
     fly (integer compute), else an explicit DEQUANTIZE feeds a float op (weight-only)."""
@@ -304,16 +344,20 @@ def _exactly(scopes: Sequence[str]) -> str:
 def quantize_tflite(path: Path, model: nn.Module, spec) -> dict:
     """Quantize the float ``.tflite`` at ``path`` in place with ai-edge-quantizer; return the report.
 
-    * ``w8``: int8 weights per output channel, explicitly dequantized into float ops (weight-only);
+    * ``w8``: int8 weights per output channel, explicitly dequantized into float ops (weight-only).
+      Smaller file, fp32 compute; at run time LiteRT dequantizes them once per signature, so it
+      takes *more* memory than fp32 (the XNNPACK delegate has no float x int8 kernel to run them);
     * ``w8a8``: int8 weights per output channel, int8 activations quantized on the fly (dynamic range);
-    * ``w4a8``: int4 weights in blocks of ``spec.group_size`` along the input, dynamic int8 activations.
-      A linear whose ``in_features`` the block size does not divide stays float and is listed.
+    * ``w4a8``: int4 weights in blocks of ``spec.group_size`` along the input (fp16 scales), dynamic
+      int8 activations. A linear whose ``in_features`` the block size does not divide stays float
+      and is listed.
 
     The embedding lookup is int8 per row (``spec.embedding``); the LM head follows ``spec.lm_head``
     (int8 per channel, the body scheme, or fp32). A tied embedding / LM head stays one int8 buffer
-    when both are int8 per row; otherwise the quantizer gives each consumer its own copy.
-    Weights are shared across signatures before and after. The counts come from the written
-    file, not from the recipe.
+    when both are int8 per row; when they differ the head gets its own copy first (one per
+    precision, shared by every signature: left to itself the quantizer would copy the tensor once
+    per signature). Weights stay shared across signatures. The counts come from the written file,
+    not from the recipe.
     """
     from ai_edge_quantizer import qtyping, quantizer
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
@@ -326,33 +370,49 @@ def quantize_tflite(path: Path, model: nn.Module, spec) -> dict:
     int8 = _op_config(8, G.CHANNELWISE, dynamic)
     t0 = time.perf_counter()
     data = path.read_bytes()
-    linears, embeddings = _find_targets(fu.read_model(data), model)
+    fm = fu.read_model(data)
+    linears, embeddings = _find_targets(fm, model)
     modules = dict(model.named_modules())
     head = "output"
-    skipped = sorted(n for n in linears if bits == 4 and modules[n].in_features % spec.group_size
-                     and not (n == head and spec.lm_head == "int8"))
+    blocked = [n for n in linears if n != head or spec.lm_head == "scheme"]  # the linears in int4 blocks
+    skipped = sorted(n for n in blocked if bits == 4 and modules[n].in_features % spec.group_size)
     if skipped:
         log.warning("%d linear(s) have in_features not divisible by the block size %d and stay float: %s",
                     len(skipped), spec.group_size, ", ".join(skipped[:4]) + (" ..." if len(skipped) > 4 else ""))
+    head_config = None if head in skipped else {"int8": int8, "scheme": body, "fp32": None}[spec.lm_head]
+    embedding_config = _op_config(8, G.CHANNELWISE, True) if spec.embedding == "int8" else None
+
+    def weights_of(config):
+        return None if config is None else config.weight_tensor_config
+
+    if weights_of(head_config) != weights_of(embedding_config) and _untie_head(fm, linears.get(head, ())):
+        # A tied table that the lookup and the head store differently: give the head its own buffer
+        # first. Left to itself, the quantizer would copy the shared buffer once per *signature*.
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        data = flatbuffer_utils.convert_object_to_bytearray(fm)
+    del fm
     q = quantizer.Quantizer(data)
     fc = qtyping.TFLOperationName.FULLY_CONNECTED
     body_scopes = [s for n, scopes in linears.items() if n != head and n not in skipped for s in scopes]
     if body_scopes:
         q.update_quantization_recipe(_exactly(body_scopes), fc, body)
-    head_config = {"int8": int8, "scheme": body, "fp32": None}[spec.lm_head]
-    if head_config is not None and linears.get(head) and head not in skipped:
+    if head_config is not None and linears.get(head):
         q.update_quantization_recipe(_exactly(linears[head]), fc, head_config)
-    if spec.embedding == "int8" and embeddings:
+    if embedding_config is not None and embeddings:
         # the lookup reads int8 rows and scales them (no DEQUANTIZE of the whole table)
         q.update_quantization_recipe(_exactly(embeddings), qtyping.TFLOperationName.EMBEDDING_LOOKUP,
-                                     _op_config(8, G.CHANNELWISE, True))
+                                     embedding_config)
     if not q.get_quantization_recipe():
         raise ConversionError("found no weights to quantize in the converted model")
-    result = q.quantize(enable_progress_bar=log.isEnabledFor(logging.DEBUG), enable_progress_report=False)
-    quantized = bytes(result.quantized_model)
+    debug = log.isEnabledFor(logging.DEBUG)
+    with contextlib.redirect_stderr(sys.stderr if debug else io.StringIO()):  # its progress bars
+        result = q.quantize(enable_progress_bar=debug, enable_progress_report=False)
+    quantized = result.quantized_model
     path.write_bytes(quantized)
     del q, result, data
     types = _weight_types(fu.read_model(quantized))
+    del quantized
 
     def dtype_of(scopes: Sequence[str]) -> str:
         found = {types.get(s, "missing") for s in scopes}
@@ -374,6 +434,9 @@ def quantize_tflite(path: Path, model: nn.Module, spec) -> dict:
         "granularity": "blockwise" if bits == 4 else "per-channel",
         "block_size": spec.group_size if bits == 4 else None,
         "activations": "int8 dynamic" if dynamic else "float (weights dequantized)",
+        "runtime": ("integer kernels on float activations (XNNPACK dynamic range)" if dynamic else
+                    "LiteRT dequantizes the weights to float when it loads the file (per signature): "
+                    "a smaller file, not less memory; w8a8 needs less"),
         "weight_ops_by_dtype": fc_types,  # FULLY_CONNECTED + EMBEDDING_LOOKUP ops, all signatures
         "quantize_s": round(time.perf_counter() - t0, 2),
     }

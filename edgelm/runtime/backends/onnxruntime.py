@@ -7,6 +7,10 @@ rows (``present.{i}.*``, ``[1, kv_heads, S, head_dim]``), which land in small
 preallocated output buffers and are written into the cache at ``[start_pos:start_pos+S]``.
 A decode step thus moves one token id, one position, one K/V row per layer and the
 logits; never the whole cache.
+
+Quantized bundles run the same way; a scheme that needs ONNX Runtime session settings
+names them in the manifest's ``io.session_config`` (w8 keeps its activations float with
+``session.disable_quant_qdq``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class OnnxRuntimeBackend:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 0 if log.isEnabledFor(logging.DEBUG) else 3
+        for key, value in (io.get("session_config") or {}).items():  # what the scheme needs, e.g. w8
+            so.add_session_config_entry(str(key), str(value))
         try:
             with quiet_native_stderr(not log.isEnabledFor(logging.DEBUG)):
                 self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
