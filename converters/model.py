@@ -92,15 +92,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch
     return x * c + torch.matmul(x, rot) * sn
 
 
+class LowRankLinear(nn.Module):
+    """A linear layer factored as two plain ``nn.Linear`` in sequence (in -> rank -> out), the
+    form low-rank compression gives; every exporter and quantizer sees two ordinary linears."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.a = nn.Linear(in_features, rank, bias=False)
+        self.b = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def make_linear(cfg: ModelConfig, name: str, bias: bool) -> nn.Module:
+    """The block linear ``name`` (e.g. ``"layers.3.mlp.w_down"``): low-rank if the config says so."""
+    n_in, n_out = cfg.linear_shape(name)
+    rank = (cfg.low_rank or {}).get(name)
+    return LowRankLinear(n_in, n_out, rank, bias) if rank else nn.Linear(n_in, n_out, bias=bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
-        d = cfg.dim
-        self.wq = nn.Linear(d, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(d, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(d, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.hd, d, bias=cfg.o_bias)
+        p = f"layers.{layer}.attn."
+        self.wq = make_linear(cfg, p + "wq", cfg.qkv_bias)
+        self.wk = make_linear(cfg, p + "wk", cfg.qkv_bias)
+        self.wv = make_linear(cfg, p + "wv", cfg.qkv_bias)
+        self.wo = make_linear(cfg, p + "wo", cfg.o_bias)
         self.max_context = cfg.max_context
         self.impl = "plain"
         self.stateful = False
@@ -159,10 +180,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        f = cfg.ffn_dim[layer]
-        self.w_gate = nn.Linear(cfg.dim, f, bias=cfg.mlp_bias)
-        self.w_up = nn.Linear(cfg.dim, f, bias=cfg.mlp_bias)
-        self.w_down = nn.Linear(f, cfg.dim, bias=cfg.mlp_bias)
+        p = f"layers.{layer}.mlp."
+        self.w_gate = make_linear(cfg, p + "w_gate", cfg.mlp_bias)
+        self.w_up = make_linear(cfg, p + "w_up", cfg.mlp_bias)
+        self.w_down = make_linear(cfg, p + "w_down", cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))

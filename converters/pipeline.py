@@ -61,6 +61,7 @@ class ConvertOptions:
     min_top1: float | None = None  # default 0.98 for fp32, 0.80 for quantized
     max_ppl_increase: float = 0.25
     progress: bool = True
+    compress: Any = None  # an edgelm.converters.compress.options.CompressOptions: prune/low-rank/distill first
 
 
 _NOISY = ("torch", "torch.utils._pytree", "torch._export", "torch.export", "torchao", "executorch",
@@ -77,6 +78,15 @@ def silence_libraries() -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except ImportError:
+        pass
+    try:  # the GGUF loader's own tqdm bar ignores transformers' switch above
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):
         pass
 
 
@@ -115,7 +125,9 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
     if opts.format == "all" and opts.out.exists() and not opts.force:
         raise BundleError(f"{opts.out} already exists; choose another output path or pass --force")
     results = []
-    with Steps(2 + 4 * len(formats), enabled=opts.progress) as steps, warnings.catch_warnings():
+    compressing = opts.compress is not None and opts.compress.active
+    compression = None
+    with Steps(2 + compressing + 4 * len(formats), enabled=opts.progress) as steps, warnings.catch_warnings():
         if not log.isEnabledFor(logging.INFO):
             warnings.simplefilter("ignore")
         with steps.step("loading source model"):
@@ -124,6 +136,11 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
                 from edgelm.targets import check_memory
 
                 check_memory(opts.target, source.config, opts.scheme, source.config.max_context)
+        if compressing:  # compression (issue 5): a smaller plain model, lowered like any other
+            from edgelm.converters.compress.recipe import compress_source
+
+            with steps.step("compressing (prune / low-rank / sparsity / distill)"):
+                source, compression = compress_source(source, opts.compress, progress=opts.progress)
         with steps.step("building canonical decoder"):
             model = build_decoder(source.config, source.state_dict)
             cfg = source.config
@@ -132,6 +149,9 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
         for fmt in formats:
             out = opts.out / fmt if opts.format == "all" else opts.out
             results.append(_convert_one(opts, fmt, out, source, model, quant, steps))
+    if compression is not None:
+        for _, report in results:
+            report["compression"] = compression
     return results
 
 

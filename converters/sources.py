@@ -215,6 +215,10 @@ def load_source(source: str | None, max_context: int | None = None) -> Source:
                 raise SourceError(f"{path}: not a GGUF file (bad magic bytes)")
         return load_hf(str(path.parent), gguf_file=path.name, max_context=max_context, kind="gguf")
     if path.is_dir():
+        if (path / "edgelm-checkpoint.json").is_file():  # written by `edgelm compress` (per-layer dims kept)
+            from edgelm.converters.compress.checkpoint import load_checkpoint
+
+            return load_checkpoint(path, max_context)
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:

@@ -122,14 +122,23 @@ def format_table(rows: list[dict[str, Any]], baseline: str | None = None) -> str
 def _main(argv: list[str]) -> int:
     row = json.loads(argv[0])
     kind = row.pop("kind")
+    top1_ref = row.pop("top1_ref", None)  # edgelm.compare: held-out top-1 agreement, after the timings
     if kind == "bundle":
         result = bench_bundle(**row)
     elif kind == "eager":
         from edgelm.converters.baseline import bench_eager
 
         result = bench_eager(**row)
+    elif kind in ("llamacpp", "reference"):
+        from edgelm.compare import ROW_KINDS
+
+        result = ROW_KINDS[kind](**row)
     else:
         raise SystemExit(f"unknown row kind {kind!r}")
+    if top1_ref:
+        from edgelm.compare import top1_agreement
+
+        result["top1"] = top1_agreement(kind, row, top1_ref)
     print(json.dumps(result))
     return 0
 

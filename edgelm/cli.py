@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from edgelm.converters.compress import options as compress_options
 from edgelm.deploy.commands import deploy_command, device_options, run_device_bench
 from edgelm.errors import EdgeLMError
 
@@ -99,16 +100,20 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Gate: smallest greedy top-1 agreement with fp32 [fp32: 0.98; quantized: 0.80].")
 @click.option("--max-ppl-increase", type=click.FloatRange(0), default=0.25, show_default=True,
               help="Quality gate: largest relative perplexity increase over fp32 on held-out text.")
+@compress_options.click_options
 @click.pass_context
 def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target: str | None, scheme: str,
             group_size: int, embedding: str, lm_head: str, calib: str | None, eval_text: str | None,
             eval_windows: int, evaluate: bool | None, max_context: int | None, max_prefill: int,
             prefill_lengths: tuple[int, ...] | None, threads: int | None, force: bool, no_verify: bool,
-            max_logit_error: float | None, min_top1: float | None, max_ppl_increase: float) -> None:
+            max_logit_error: float | None, min_top1: float | None, max_ppl_increase: float,
+            **compress_params) -> None:
     """Convert SOURCE into a bundle.
 
-    SOURCE is a Hugging Face model folder, a .gguf file, a hub id (org/name), or
-    'builtin:tiny'. Without SOURCE the embedded default, SmolLM2-135M-Instruct, is used.
+    SOURCE is a Hugging Face model folder, a .gguf file, a hub id (org/name), an
+    `edgelm compress` checkpoint folder, or 'builtin:tiny'. Without SOURCE the embedded
+    default, SmolLM2-135M-Instruct, is used. The compression flags (--prune-ffn,
+    --drop-layers, --low-rank, --sparsity, --distill-steps, ...) run before quantization.
     """
     if fmt not in (*FORMATS, "all"):
         raise click.BadParameter(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}, all",
@@ -138,6 +143,8 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
                           eval_windows=eval_windows, evaluate=evaluate, max_logit_error=max_logit_error,
                           min_top1=min_top1, max_ppl_increase=max_ppl_increase,
                           progress=sys.stderr.isatty(), target=profile, **settings)
+    compress = compress_options.from_click(compress_params, eval=eval_text, eval_windows=eval_windows)
+    opts.compress = compress if compress.active else None
     for path, report in run_convert(opts):
         _print_report(path, report)
 
@@ -145,6 +152,11 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
 def _print_report(path: Path, report: dict) -> None:
     size = sum(f["size"] for name, f in report["files"].items() if name != "tokenizer.json")
     click.echo(f"wrote {path} ({report['format']}, {report['scheme']}, model {size / 1e6:.1f} MB)")
+    if report.get("compression"):  # compression (issue 5)
+        from edgelm.converters.compress.recipe import format_report
+
+        for line in format_report(report["compression"]):
+            click.echo(f"  {line}")
     lowering = report.get("lowering", {})
     for method, d in lowering.get("delegation", {}).items():
         click.echo(f"  {method}: {d['delegated']} nodes delegated to XNNPACK in {d['delegates']} subgraphs, "
@@ -167,6 +179,52 @@ def _print_report(path: Path, report: dict) -> None:
         click.echo(f"  held-out quality: top-1 {quality['top1_agreement']:.3f}, KL {quality['mean_kl']:.4f}, "
                    f"perplexity {quality['perplexity']:.3f} vs fp32 {quality['perplexity_fp32']:.3f} "
                    f"({quality['perplexity_increase']:+.1%}) over {quality['tokens']} tokens")
+
+
+# ---- compression (issue 5) ----
+@main.command()
+@click.argument("source", required=False)
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+              help="Checkpoint folder to write (a source for `edgelm convert`).")
+@click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
+              help="Context length recorded in the checkpoint (default: the model's, capped at 2048).")
+@click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
+              help="Held-out text for the before/after numbers; default: the built-in set.")
+@click.option("--eval-windows", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True,
+              help="Measure held-out perplexity and top-1 against the uncompressed model.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@compress_options.click_options
+def compress(source: str | None, out: Path, max_context: int | None, eval_text: str | None, eval_windows: int,
+             evaluate: bool, force: bool, **compress_params) -> None:
+    """Prune, factor, sparsify and/or distill SOURCE into a checkpoint folder OUT.
+
+    OUT holds edgelm-checkpoint.json, model.safetensors, tokenizer.json and compression.json
+    (the report); `edgelm convert OUT` lowers it like any other source. Per-layer head
+    counts, FFN widths and low-rank ranks are kept.
+    """
+    try:
+        from edgelm.converters.compress.checkpoint import save_checkpoint
+        from edgelm.converters.compress.recipe import compress_source, format_report
+        from edgelm.converters.pipeline import silence_libraries
+        from edgelm.converters.sources import load_source
+    except ImportError as e:
+        raise EdgeLMError(f"compressing needs the conversion extra ({e}); install it with "
+                          "pip install 'edgelm[convert]'") from e
+    opts = compress_options.from_click(compress_params, eval=eval_text, eval_windows=eval_windows, evaluate=evaluate)
+    if not opts.active:
+        raise click.UsageError("nothing to do: give at least one of --prune-ffn, --prune-heads, --drop-layers, "
+                               "--low-rank, --low-rank-budget, --sparsity, --distill-steps")
+    if out.exists() and not force:
+        raise EdgeLMError(f"{out} already exists; choose another output folder or pass --force")
+    if not logging.getLogger("edgelm").isEnabledFor(logging.INFO):
+        silence_libraries()
+    src = load_source(source, max_context=max_context)
+    new, report = compress_source(src, opts, progress=sys.stderr.isatty())
+    save_checkpoint(new, out, report, force=force)
+    click.echo(f"wrote {out} (checkpoint; convert it with `edgelm convert {out} -o BUNDLE`)")
+    for line in format_report(report):
+        click.echo(f"  {line}")
 
 
 @main.command()
@@ -332,6 +390,43 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_out}", err=True)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("bench-results/peers"), show_default=True,
+              help="Folder for peers.md, peers.json and peers.png.")
+@click.option("--source", default=None, help="Model of the reference and eager rows (default: the embedded SmolLM2).")
+@click.option("--gguf", default=None, help="GGUF for the llama.cpp rows (default: the source, when it is one).")
+@click.option("--llamacpp", default="F32,Q8_0,Q4_0,Q4_1", show_default=True,
+              help="llama.cpp types to make from the GGUF and time ('' for none).")
+@click.option("--eager/--no-eager", default=True, show_default=True, help="The PyTorch eager fp32 row.")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="Threads for every row.")
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per row.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
+@click.option("-n", "--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--prompt", default=None, help="Prompt (chat-formatted when the model has a template).")
+@click.option("--windows", type=click.IntRange(0), default=4, show_default=True,
+              help="Held-out windows for top-1 agreement with fp32 (0: none).")
+@click.option("--seq-len", type=click.IntRange(2), default=128, show_default=True, help="Tokens per window.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the llama.cpp GGUFs are cached [default: ~/.cache/edgelm/llamacpp].")
+def compare(bundles: tuple[Path, ...], out: Path, source: str | None, gguf: str | None, llamacpp: str, eager: bool,
+            threads: int, runs: int, warmup: int, new_tokens: int, prompt: str | None, windows: int, seq_len: int,
+            cache_dir: Path | None) -> None:
+    """Benchmark BUNDLES against the peers in one run: PyTorch eager, llama.cpp (--llamacpp types made from the
+    same GGUF; needs `pip install 'edgelm[llamacpp]'`, else skip rows) and edgelm, with top-1 agreement vs fp32."""
+    from edgelm.compare import compare as run_compare
+    from edgelm.compare import format_peer_table, machine_line
+
+    types = tuple(t.strip() for t in llamacpp.split(",") if t.strip())
+    report = run_compare(list(bundles), out, source=source, gguf=gguf, eager=eager, llamacpp=types, threads=threads,
+                         runs=runs, warmup=warmup, new_tokens=new_tokens, prompt=prompt, windows=windows,
+                         seq_len=seq_len, cache_dir=cache_dir, echo=lambda s: click.echo(s, err=True))
+    click.echo(f"machine: {machine_line(report)}")
+    click.echo(format_peer_table(report))
+    click.echo(f"wrote {out / 'peers.md'}, {out / 'peers.json'}" + (f", {report['chart']}" if report["chart"] else ""),
+               err=True)
 
 
 main.add_command(deploy_command)

@@ -39,6 +39,9 @@ class ModelConfig:
     max_context: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # low-rank factorization (converters/compress): module path in a block, e.g. "layers.3.mlp.w_down",
+    # -> rank r of its two-matrix form (in -> r -> out). None: every linear is a plain matrix.
+    low_rank: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -57,7 +60,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the form stored in ``edgelm.json``)."""
-        return asdict(self)
+        data = asdict(self)
+        if not self.low_rank:  # keep manifests readable by runtimes that predate low_rank
+            data.pop("low_rank")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -80,7 +86,19 @@ class ModelConfig:
                 total += d
             if self.mlp_bias:
                 total += 2 * f + d
+        for name, rank in (self.low_rank or {}).items():
+            n_in, n_out = self.linear_shape(name)
+            total += rank * (n_in + n_out) - n_in * n_out
         return total
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a block linear, e.g. ``"layers.3.mlp.w_down"``."""
+        _, layer, kind, proj = name.split(".")
+        i, d, hd = int(layer), self.dim, self.head_dim
+        shapes = {"wq": (d, self.n_heads[i] * hd), "wk": (d, self.n_kv_heads[i] * hd),
+                  "wv": (d, self.n_kv_heads[i] * hd), "wo": (self.n_heads[i] * hd, d),
+                  "w_gate": (d, self.ffn_dim[i]), "w_up": (d, self.ffn_dim[i]), "w_down": (self.ffn_dim[i], d)}
+        return shapes[proj]
 
     def kv_cache_shape(self, layer: int) -> tuple[int, int, int, int]:
         """[batch, kv_heads, max_context, head_dim] of one layer's K (or V) cache."""

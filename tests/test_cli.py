@@ -83,17 +83,17 @@ def test_convert_with_target_profiles_records_their_choices(tmp_path):
     profile = load_profile("raspberry-pi-5")
     assert manifest["target"]["name"] == "raspberry-pi-5"
     assert manifest["format"] == profile.convert.formats[0]
-    assert manifest["scheme"] == profile.convert.scheme == "w4a8"
+    assert manifest["scheme"] == profile.convert.scheme == "w8a8"
     assert manifest["max_context"] == profile.convert.max_context
-    assert manifest["io"]["quantization"]["group_size"] == profile.convert.group_size
     assert edgelm("run", out, "hello", "-n", "4", check=True).returncode == 0
     # explicit flags override the profile
     out2 = tmp_path / "android"
-    edgelm("convert", "builtin:tiny", "--target", "android-arm64", "-q", "w8a8", "--max-context", "64", "-o", out2,
+    edgelm("convert", "builtin:tiny", "--target", "android-arm64", "-q", "w4a8", "--max-context", "64", "-o", out2,
            *relaxed, check=True)
     m2 = json.loads(edgelm("inspect", out2, "--json", check=True).stdout)
     android = load_profile("android-arm64")
-    assert m2["scheme"] == "w8a8" != android.convert.scheme and m2["max_context"] == 64
+    assert m2["scheme"] == "w4a8" != android.convert.scheme and m2["max_context"] == 64
+    assert m2["io"]["quantization"]["group_size"] == android.convert.group_size
     assert m2["target"]["name"] == "android-arm64" and m2["format"] == android.convert.formats[0]
     assert edgelm("run", out2, "hello", "-n", "4", check=True).returncode == 0
 

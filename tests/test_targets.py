@@ -274,10 +274,10 @@ def test_builtin_file_named_in_errors(monkeypatch):
 def test_apply_profile_explicit_flags_override():
     p = load_profile("raspberry-pi-5")
     s = apply_profile(p)
-    assert s == {"format": "pte", "scheme": "w4a8", "group_size": 32, "max_context": 2048, "max_prefill": 512,
+    assert s == {"format": "pte", "scheme": "w8a8", "group_size": 32, "max_context": 2048, "max_prefill": 512,
                  "prefill_lengths": (32, 128, 512)}
-    s = apply_profile(p, format="onnx", scheme="w8a8", max_context=256)
-    assert (s["format"], s["scheme"], s["max_context"]) == ("onnx", "w8a8", 256)
+    s = apply_profile(p, format="onnx", scheme="w4a8", max_context=256)
+    assert (s["format"], s["scheme"], s["max_context"]) == ("onnx", "w4a8", 256)
     assert s["max_prefill"] == 256 and s["prefill_lengths"] == (32, 128)  # profile values clamped
     assert apply_profile(p, max_prefill=64)["max_prefill"] == 64
     with pytest.raises(TargetError, match="unknown scheme"):

@@ -1,0 +1,208 @@
+"""Compression on the tiny model: structured pruning (exact where the method guarantees it),
+unstructured sparsity, low-rank SVD, distillation with checkpoint/resume, and the
+`edgelm compress` -> `edgelm convert` round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgelm.converters.compress import CompressionError
+from edgelm.converters.compress.distill import DistillConfig, distill, evaluate, teacher_targets
+from edgelm.converters.compress.importance import forward_full
+from edgelm.converters.compress.lowrank import factor, is_smaller, low_rank
+from edgelm.converters.compress.prune import (
+    keep_heads,
+    magnitude_prune,
+    parameter_count,
+    sparsity_of,
+    structured_prune,
+)
+from edgelm.converters.model import LowRankLinear, build_decoder
+from edgelm.converters.sources import load_tiny
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def src():
+    return load_tiny(n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (4, 32), generator=g).tolist()
+
+
+def tokens(n=24, seed=2):
+    return torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(cfg, sd, x):
+    with torch.no_grad():
+        return forward_full(build_decoder(cfg, sd), x)
+
+
+def test_pruning_dead_ffn_channels_is_exact(src, calib):
+    sd = dict(src.state_dict)
+    dead = {}
+    for i in range(3):  # 32 of 128 channels per layer write nothing (zero down-projection columns)
+        w = sd[f"layers.{i}.mlp.w_down.weight"].clone()
+        dead[i] = torch.randperm(128, generator=torch.Generator().manual_seed(i))[:32]
+        w[:, dead[i]] = 0
+        sd[f"layers.{i}.mlp.w_down.weight"] = w
+    cfg, new, layer_map, report = structured_prune(src.config, sd, calib, ffn=0.25, multiple_of=1)
+    assert cfg.ffn_dim == [96, 96, 96] and report["ffn"]["after"] == [96] * 3 and layer_map == [0, 1, 2]
+    assert new["layers.0.mlp.w_gate.weight"].shape == (96, 64) and new["layers.0.mlp.w_down.weight"].shape == (64, 96)
+    x = tokens()
+    torch.testing.assert_close(logits(cfg, new, x), logits(src.config, sd, x), atol=1e-5, rtol=1e-5)
+    assert parameter_count(build_decoder(cfg, new)) == cfg.num_parameters()
+
+
+@pytest.mark.parametrize("granularity", ["query", "group"])
+def test_pruning_silent_heads_is_exact_and_gqa_consistent(src, calib, granularity):
+    sd = dict(src.state_dict)  # 4 query heads over 2 KV heads: heads 0,1 -> KV 0; heads 2,3 -> KV 1
+    silent = [1, 2] if granularity == "query" else [2, 3]  # one head per group, or all of group 1
+    for i in range(3):
+        wo = sd[f"layers.{i}.attn.wo.weight"].clone()
+        for h in silent:
+            wo[:, h * 16:(h + 1) * 16] = 0
+        sd[f"layers.{i}.attn.wo.weight"] = wo
+    cfg, new, _, report = structured_prune(src.config, sd, calib, heads=0.5, granularity=granularity)
+    assert cfg.n_heads == [2, 2, 2]
+    assert cfg.n_kv_heads == ([2, 2, 2] if granularity == "query" else [1, 1, 1])
+    assert new["layers.1.attn.wq.weight"].shape == (32, 64)
+    assert new["layers.1.attn.wk.weight"].shape == (cfg.n_kv_heads[1] * 16, 64)
+    x = tokens()
+    torch.testing.assert_close(logits(cfg, new, x), logits(src.config, sd, x), atol=1e-5, rtol=1e-5)
+
+
+def test_uneven_head_choice_is_refused(src):
+    with pytest.raises(CompressionError, match="different query-head counts"):
+        keep_heads(src.config, src.state_dict, {0: [0, 1, 2]})
+
+
+def test_dropping_an_identity_layer_is_exact(src, calib):
+    sd = dict(src.state_dict)
+    for name in ("attn.wo", "mlp.w_down"):  # block 1 adds nothing to the residual stream
+        sd[f"layers.1.{name}.weight"] = torch.zeros_like(sd[f"layers.1.{name}.weight"])
+    cfg, new, layer_map, report = structured_prune(src.config, sd, calib, drop=1)
+    assert report["dropped_layers"] == [1] and layer_map == [0, 2] and cfg.n_layers == 2
+    assert report["block_influence"][1] == pytest.approx(0.0, abs=1e-9)
+    x = tokens()
+    torch.testing.assert_close(logits(cfg, new, x), logits(src.config, sd, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_unstructured_sparsity_hits_target(src, scope):
+    model = build_decoder(src.config, src.state_dict)
+    masks, report = magnitude_prune(model, 0.6, scope)
+    assert report["achieved"] == pytest.approx(0.6, abs=0.01) and sparsity_of(model) == pytest.approx(0.6, abs=0.01)
+    assert "do not run it faster" in report["note"]  # says plainly: no speed-up on dense runtimes
+    if scope == "layer":
+        for name, m in masks.items():
+            assert 1 - m.float().mean() == pytest.approx(0.6, abs=0.01), name
+
+
+def test_svd_full_rank_reproduces_and_low_rank_only_where_smaller(src):
+    w = src.state_dict["layers.0.mlp.w_gate.weight"]  # [128, 64]
+    a, b = factor(w, 64)
+    torch.testing.assert_close(b @ a, w, atol=1e-5, rtol=1e-5)
+    assert not is_smaller(64, 64, 128) and is_smaller(40, 64, 128)
+    cfg, sd, report = low_rank(src.config, src.state_dict, energy=1.0)  # full rank: never smaller, never used
+    assert cfg.low_rank is None and report["factored"] == 0 and sd.keys() == src.state_dict.keys()
+    cfg, sd, report = low_rank(src.config, src.state_dict, budget=0.5, targets="mlp")
+    assert report["factored"] == 9 and set(cfg.low_rank) == {f"layers.{i}.mlp.{p}" for i in range(3)
+                                                             for p in ("w_gate", "w_up", "w_down")}
+    model = build_decoder(cfg, sd)
+    assert isinstance(model.layers[0].mlp.w_down, LowRankLinear) and model.layers[0].mlp.w_down.rank == 21
+    assert parameter_count(model) == cfg.num_parameters() < src.config.num_parameters()
+    # the config (with ranks) survives a manifest round trip and the weights load back strictly
+    from edgelm.config import ModelConfig
+
+    cfg2 = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert cfg2 == cfg and "low_rank" not in src.config.to_dict()
+    sd2 = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    x = tokens()
+    torch.testing.assert_close(logits(cfg2, sd2, x), logits(cfg, sd, x))
+
+
+def _pruned_pair(src, calib):
+    teacher = build_decoder(src.config, src.state_dict)
+    cfg, sd, layer_map, _ = structured_prune(src.config, src.state_dict, calib, heads=0.5, ffn=0.5, multiple_of=8)
+    return teacher, build_decoder(cfg, sd), layer_map
+
+
+def test_distillation_lowers_kl_and_keeps_sparsity(src, calib):
+    teacher, student, layer_map = _pruned_pair(src, calib)
+    masks, _ = magnitude_prune(student, 0.3)
+    data = tokens(64, seed=5).repeat(4, 1)
+    windows = tokens(32, seed=9).tolist()
+    ref = teacher_targets(teacher, windows)
+    before = evaluate(student, windows, ref)["kl"]
+    cfg = DistillConfig(steps=40, batch_size=4, seq_len=32, lr=3e-3, eval_every=20, progress=False,
+                        ce_weight=0.1, hidden_mse_weight=0.1)
+    result = distill(teacher, student, data, cfg, eval_windows=windows, layer_map=layer_map, masks=masks)
+    after = evaluate(student, windows, ref)["kl"]
+    assert after < 0.8 * before, (before, after)
+    assert [h["step"] for h in result.history] == [0, 20, 40]
+    assert sparsity_of(student) == pytest.approx(0.3, abs=0.01)
+
+
+def test_interrupted_distillation_resumes_from_checkpoint(src, calib, tmp_path):
+    data = tokens(48, seed=7).repeat(3, 1)
+    cfg = DistillConfig(steps=6, batch_size=2, seq_len=24, lr=1e-3, checkpoint_every=2, eval_every=100,
+                        progress=False)
+    teacher, straight, _ = _pruned_pair(src, calib)
+    distill(teacher, straight, data, cfg)
+
+    _, student, _ = _pruned_pair(src, calib)
+
+    def interrupt(step, _loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student, data, cfg, checkpoint_dir=tmp_path, on_step=interrupt)
+    assert torch.load(tmp_path / "distill-state.pt", weights_only=False)["step"] == 3
+    _, fresh, _ = _pruned_pair(src, calib)  # a new process: weights come from the checkpoint
+    result = distill(teacher, fresh, data, cfg, checkpoint_dir=tmp_path)
+    assert result.resumed_from == 3 and len(result.losses) == 3
+    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def edgelm(*args):
+    proc = subprocess.run([sys.executable, "-m", "edgelm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_compress_then_convert_round_trip(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = edgelm("compress", "builtin:tiny", "-o", ckpt, "--prune-ffn", "0.25", "--prune-heads", "0.5",
+                 "--low-rank-budget", "0.6", "--low-rank-targets", "mlp", "--sparsity", "0.2",
+                 "--distill-steps", "3", "--distill-seq-len", "24", "--distill-sequences", "4", "--distill-batch", "2",
+                 "--eval-windows", "2").stdout
+    assert "parameters" in out and "dense runtimes do not run it faster" in out
+    meta = json.loads((ckpt / "edgelm-checkpoint.json").read_text())
+    assert meta["config"]["ffn_dim"] == [96, 96] and meta["config"]["n_heads"] == [2, 2]
+    assert meta["config"]["low_rank"]
+    report = json.loads((ckpt / "compression.json").read_text())
+    assert report["params_after"] < report["params_before"] and "distilled" in report["quality"]
+
+    from edgelm.converters.sources import load_source
+
+    src = load_source(str(ckpt))
+    assert src.description["kind"] == "checkpoint" and src.config.low_rank == meta["config"]["low_rank"]
+    bundle = tmp_path / "bundle"
+    edgelm("convert", ckpt, "-f", "onnx", "-o", bundle, "--threads", "1")
+    manifest = json.loads((bundle / "edgelm.json").read_text())
+    assert manifest["model"]["ffn_dim"] == [96, 96] and manifest["model"]["low_rank"] == meta["config"]["low_rank"]
+    assert manifest["verification"]["parity"]["passed"] is True
