@@ -10,9 +10,18 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from edgelm.converters.compress import options as compress_options
 from edgelm.deploy.commands import deploy_command, device_options, run_device_bench
 from edgelm.errors import EdgeLMError
+
+try:  # torch-free flag definitions; absent where only the device side was copied (edgelm deploy)
+    from edgelm.converters.compress import options as compress_options
+
+    _compress_flags = compress_options.click_options
+except ImportError:
+    compress_options = None
+
+    def _compress_flags(f):
+        return f
 
 FORMATS = ("pte", "onnx", "tflite")
 SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
@@ -100,7 +109,7 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Gate: smallest greedy top-1 agreement with fp32 [fp32: 0.98; quantized: 0.80].")
 @click.option("--max-ppl-increase", type=click.FloatRange(0), default=0.25, show_default=True,
               help="Quality gate: largest relative perplexity increase over fp32 on held-out text.")
-@compress_options.click_options
+@_compress_flags
 @click.pass_context
 def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target: str | None, scheme: str,
             group_size: int, embedding: str, lm_head: str, calib: str | None, eval_text: str | None,
@@ -143,8 +152,9 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
                           eval_windows=eval_windows, evaluate=evaluate, max_logit_error=max_logit_error,
                           min_top1=min_top1, max_ppl_increase=max_ppl_increase,
                           progress=sys.stderr.isatty(), target=profile, **settings)
-    compress = compress_options.from_click(compress_params, eval=eval_text, eval_windows=eval_windows)
-    opts.compress = compress if compress.active else None
+    if compress_options is not None:
+        compress = compress_options.from_click(compress_params, eval=eval_text, eval_windows=eval_windows)
+        opts.compress = compress if compress.active else None
     for path, report in run_convert(opts):
         _print_report(path, report)
 
@@ -194,7 +204,7 @@ def _print_report(path: Path, report: dict) -> None:
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="Measure held-out perplexity and top-1 against the uncompressed model.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@compress_options.click_options
+@_compress_flags
 def compress(source: str | None, out: Path, max_context: int | None, eval_text: str | None, eval_windows: int,
              evaluate: bool, force: bool, **compress_params) -> None:
     """Prune, factor, sparsify and/or distill SOURCE into a checkpoint folder OUT.

@@ -2,7 +2,8 @@
 
 Converts the source once per (format, scheme) with the held-out quality report switched on,
 then benchmarks every bundle in one `edgelm bench` run (same prompt and threads for all) and
-prints a Markdown table: size, top-1 agreement, KL, perplexity (vs fp32), decode tokens/s.
+prints a Markdown table: size, top-1 agreement, KL, perplexity (vs fp32), decode tokens/s and
+the share of decode time the Python runtime spends outside the backend.
 The conversions run with the quality gate opened wide so that a scheme that fails the default
 gate still gets its row; the "gate" column says whether it would pass the defaults.
 
@@ -61,7 +62,7 @@ def main() -> int:
     fp32 = {r["format"]: r for r in rows if r["scheme"] == "fp32"}
     gate = QualityGate()
     lines = ["| format | scheme | size MB | size vs fp32 | top-1 | KL | perplexity (fp32) | decode tok/s (min–max) "
-             "| gate |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| overhead | gate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         q, d = r["quality"], r["decode_tps"]
         rel = f"{r['size_mb'] / fp32[r['format']]['size_mb']:.0%}" if r["format"] in fp32 else "–"
@@ -70,7 +71,8 @@ def main() -> int:
                                                <= q["perplexity_fp32"] * (1 + gate.max_ppl_increase)) else "FAIL"
         lines.append(f"| {r['format']} | {r['scheme']} | {r['size_mb']:.1f} | {rel} | "
                      f"{q.get('top1_agreement', float('nan')):.3f} | {q.get('mean_kl', float('nan')):.4f} | {ppl} | "
-                     f"{d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | {passed} |")
+                     f"{d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | "
+                     f"{r['overhead_share']['median']:.1%} | {passed} |")
     table = "\n".join(lines)
     print(table)
     (args.out / "schemes.md").write_text(table + "\n")
