@@ -92,3 +92,15 @@ def hf_smollm2():
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory):
+    """A small held-out text file of random words (for quality reports on the tiny model)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the a cat dog runs over under bright small house tree river mountain sings eats".split()
+    p = tmp_path_factory.mktemp("text") / "eval.txt"
+    p.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(4)))
+    return p

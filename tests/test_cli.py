@@ -108,3 +108,13 @@ def test_target_errors_are_clean(tmp_path):
     out = edgelm("targets", "list", check=True).stdout
     assert "raspberry-pi-4" in out and "x86-64" in out
     assert "Cortex-A76" in edgelm("targets", "show", "raspberry-pi-5", check=True).stdout
+
+
+def test_bench_prints_json_and_rejects_bad_combinations(tiny_pte):
+    proc = edgelm("bench", tiny_pte, "--runs", "1", "--warmup", "0", "-n", "4", "--json", "-", check=True)
+    report = json.loads(proc.stdout)  # stdout holds the JSON alone, no table
+    [row] = report["rows"]
+    assert row["format"] == "pte" and row["new_tokens"] == 4 and row["decode_tps"]["median"] > 0
+    assert report["machine"]["cores"] >= 1
+    assert_clean_error(edgelm("bench"), "give at least one bundle")
+    assert_clean_error(edgelm("bench", tiny_pte, "--eager", "--device", "local"), "--eager runs on this machine")

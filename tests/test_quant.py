@@ -60,17 +60,6 @@ def test_unsupported_scheme_names_the_supported_ones():
         QuantSpec("w4a8", group_size=48)
 
 
-@pytest.fixture(scope="module")
-def eval_text(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    words = "the a cat dog runs over under bright small house tree river mountain sings eats".split()
-    p = tmp_path_factory.mktemp("text") / "eval.txt"
-    p.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(4)))
-    return p
-
-
 def test_w8a8_pte_bundle_passes_quality_and_records_it(tmp_path, eval_text):
     path = convert_bundle(tmp_path / "q", scheme="w8a8", eval=str(eval_text), eval_windows=2)
     engine = Engine.load(path)

@@ -24,17 +24,6 @@ MIN_TOP1 = {"w8": 0.8, "w8a8": 0.8, "w4a8": 0.3}
 
 
 @pytest.fixture(scope="module")
-def eval_text(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    words = "the a cat dog runs over under bright small house tree river mountain sings eats".split()
-    p = tmp_path_factory.mktemp("text") / "eval.txt"
-    p.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(4)))
-    return p
-
-
-@pytest.fixture(scope="module")
 def quantized(tmp_path_factory, eval_text):
     """Verified tflite bundles of the tiny model, one per quantized scheme (converted on first use)."""
     from edgelm.converters.lowering import tflite as lowering
