@@ -50,6 +50,7 @@ class ConvertOptions:
     force: bool = False
     embedding: str = "int8"
     lm_head: str = "int8"
+    int4_symmetric: bool = False
     calib: str | None = None  # calibration text (file or folder); built-in set if None
     calib_windows: int = 16
     eval: str | None = None  # held-out evaluation text; built-in set if None
@@ -119,7 +120,7 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
     formats = list(FORMATS) if opts.format == "all" else [opts.format]
     for fmt in formats:  # an unknown format or a scheme a format cannot do fails before any heavy work
         get_lowering(fmt, opts.scheme)
-    quant = QuantSpec(opts.scheme, opts.group_size, opts.embedding, opts.lm_head)
+    quant = QuantSpec(opts.scheme, opts.group_size, opts.embedding, opts.lm_head, opts.int4_symmetric)
     if not log.isEnabledFor(logging.INFO):
         silence_libraries()
     if opts.format == "all" and opts.out.exists() and not opts.force:

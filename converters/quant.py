@@ -8,6 +8,8 @@ w8             int8 weights per output channel, float activations          onnx,
 w8a8           int8 weights per channel, int8 activations (dynamic)        pte, onnx, tflite
 w8a8-static    int8 weights and activations, calibrated ranges             onnx
 w4a8           int4 weights in groups of ``group_size``, dynamic int8 act  pte, onnx, tflite
+               (pte and onnx: a float minimum per group, GGUF Q4_1's form;
+               tflite: symmetric groups)
 =============  ==========================================================  ==============================
 
 Each lowering maps a scheme to its format's own tool (torchao + XNNPACK for ExecuTorch,
@@ -42,6 +44,9 @@ class QuantSpec:
     group_size: int = 32
     embedding: str = "int8"
     lm_head: str = "int8"
+    # w4a8: symmetric int4 groups (GGUF Q4_0's form) instead of groups with a float minimum
+    # (Q4_1's form). Faster in ExecuTorch (no block-sum matmuls); LiteRT is always symmetric.
+    int4_symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -61,6 +66,7 @@ class QuantSpec:
         d = asdict(self)
         if self.scheme != "w4a8":
             d.pop("group_size")
+            d.pop("int4_symmetric")
         if not self.quantized:
             d.pop("embedding")
             d.pop("lm_head")
@@ -76,26 +82,110 @@ def check_scheme(fmt: str, scheme: str, supported: tuple[str, ...]) -> None:
         )
 
 
+def _block_minimum_linear():
+    """:class:`BlockMinimumLinear`, defined on first use (this module must import without torch)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class BlockSums:
+        """``x`` summed over blocks of K (a linear with a 0/1 indicator, so XNNPACK delegates it).
+
+        One per (K, block), shared by the layers that read the same input: q/k/v and gate/up
+        call it with the same tensor, and the second and third calls reuse the first result
+        (identity check, also under torch.export tracing), so the graph holds one sum per input."""
+
+        def __init__(self, k: int, block: int) -> None:
+            ind = torch.zeros(k // block, k)
+            ind[torch.arange(k) // block, torch.arange(k)] = 1.0
+            self.indicator = ind  # registered as a buffer by every BlockMinimumLinear that uses it
+            self._last: tuple | None = None
+
+        def __call__(self, x, indicator):
+            if self._last is not None and self._last[0] is x:
+                return self._last[1]
+            sums = F.linear(x, indicator)
+            self._last = (x, sums)
+            return sums
+
+    class BlockMinimumLinear(nn.Module):
+        """``linear(x) + block_sums(x) @ offsets.T``: int4 weights with a float minimum per block.
+
+        XNNPACK's blockwise int4 kernels (qb4w) are symmetric: ``w = scale * q``, q in -8..7.
+        An asymmetric block ``w = scale * u + minimum`` (u in 0..15, GGUF's Q4_1 form) is
+        ``scale * (u - 8)`` (symmetric, both ends of the grid used, so torchao's
+        SYMMETRIC_NO_CLIPPING_ERR mapping recovers exactly this scale) plus a constant
+        ``minimum + 8 * scale`` per block, which contributes ``sum(x over the block) * offset``:
+        a float linear on the K/block block sums of ``x``, about 1/block of the layer's work.
+        The same construction as the ONNX w4a8 lowering (``onnx_quant.blocks_with_minimum``).
+        """
+
+        def __init__(self, linear: nn.Linear, block: int, sums: BlockSums) -> None:
+            super().__init__()
+            w = linear.weight.detach().float()
+            n, k = w.shape
+            blocks = w.reshape(n, k // block, block)
+            low, high = blocks.amin(-1), blocks.amax(-1)
+            # bf16 scales: what XNNPACK stores for qb4w, so the grid below survives lowering exactly
+            scale = ((high - low) / 15).to(torch.bfloat16).float()
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            u = torch.clamp(torch.round((blocks - low[..., None]) / scale[..., None]), 0, 15)
+            self.linear = nn.Linear(k, n, bias=linear.bias is not None)
+            self.linear.weight.data = (scale[..., None] * (u - 8)).reshape(n, k)
+            if linear.bias is not None:
+                self.linear.bias.data = linear.bias.detach().clone()
+            self.sums = sums
+            self.register_buffer("indicator", sums.indicator)
+            self.offsets = nn.Parameter(low + 8 * scale, requires_grad=False)  # [N, K/block]
+
+        def forward(self, x):
+            return self.linear(x) + F.linear(self.sums(x, self.indicator), self.offsets)
+
+    return BlockSums, BlockMinimumLinear
+
+
+def fold_block_minimum(model, names: list[str], block: int) -> None:
+    """Swap the linears ``names`` of ``model`` for ``BlockMinimumLinear`` (a symmetric int4-ready
+    ``.linear``, which torchao then quantizes, plus float block offsets)."""
+    sums_cls, cls = _block_minimum_linear()
+    modules = dict(model.named_modules())
+    shared: dict[int, object] = {}
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        lin = modules[name]
+        if lin.in_features not in shared:
+            shared[lin.in_features] = sums_cls(lin.in_features, block)
+        setattr(modules[parent] if parent else model, attr, cls(lin, block, shared[lin.in_features]))
+
+
 def quantize_torchao(model, spec: QuantSpec) -> dict[str, Any]:
     """Quantize a canonical Decoder in place with torchao for ExecuTorch/XNNPACK.
 
     w8a8 -> int8 per-channel weights with dynamic int8 activations; w4a8 -> int4 weights in
-    groups of ``spec.group_size``. A linear whose ``in_features`` is not a multiple of the group
-    size stays fp32 and is listed in the report. Returns counts of what was quantized.
+    groups of ``spec.group_size`` with a float minimum per group (see :func:`fold_block_minimum`),
+    or symmetric groups with ``spec.int4_symmetric``. A linear whose ``in_features``
+    is not a multiple of the group size stays fp32 and is listed in the report. Returns counts of
+    what was quantized.
     """
     import torch
     from torch import nn
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
     int4 = spec.scheme == "w4a8"
+    head_name = "output"
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    skipped = [n for n, m in linears.items() if int4 and n != head_name and m.in_features % spec.group_size]
+    folded = int4 and not spec.int4_symmetric
+    if folded:  # the tied LM head stays as it is: its weight is the embedding's
+        fold_block_minimum(model, [n for n in linears if n != head_name and n not in skipped], spec.group_size)
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     body_cfg = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4 if int4 else torch.int8,
-        weight_granularity=PerGroup(spec.group_size) if int4 else PerAxis(0))
+        weight_granularity=PerGroup(spec.group_size) if int4 else PerAxis(0),
+        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR if folded else MappingType.SYMMETRIC)
     head_cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    head_name = "output"
-    skipped = [n for n, m in linears.items() if int4 and n != head_name and m.in_features % spec.group_size]
     with torch.no_grad():
         if spec.embedding == "int8":
             quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
@@ -113,6 +203,8 @@ def quantize_torchao(model, spec: QuantSpec) -> dict[str, Any]:
     quantized = [n for n, m in linears.items() if type(m.weight) is not nn.Parameter]
     return {
         "tool": "torchao",
+        **({"zero_point": "float minimum per group (a float matmul on block sums)" if folded else "symmetric"}
+           if int4 else {}),
         "linear_total": len(linears),
         "linear_quantized": len(quantized),
         "linear_left_fp32": sorted(set(linears) - set(quantized)),

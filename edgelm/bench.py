@@ -34,6 +34,19 @@ def peak_rss_mb() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
+def _int4_label(manifest) -> str:
+    """`` symmetric`` for int4 groups without a minimum (GGUF Q4_0's form), else ``""``."""
+    q = (manifest.verification or {}).get("lowering", {}).get("quantization") or {}
+    return " symmetric" if q.get("zero_point") == "symmetric" else ""
+
+
+def _compressed_label(source: dict[str, Any]) -> str:
+    """`` (compressed to 70% of the parameters)`` for a pruned/factored bundle, else ``""``."""
+    c = source.get("compression") or {}
+    ratio = c.get("params_ratio")
+    return f" (compressed to {ratio:.0%} of the parameters)" if ratio and ratio < 1 else ""
+
+
 def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
                  warmup: int = 1, threads: int | None = None, chat: bool = True) -> dict[str, Any]:
     """Time ``runs`` greedy generations of exactly ``new_tokens`` tokens from ``bundle``."""
@@ -56,7 +69,8 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
     m = engine.manifest
     size = sum(f["size"] for name, f in m.files.items() if name != m.tokenizer_file)
     return {
-        "name": f"edgelm {m.format} {m.scheme}", "kind": "bundle", "bundle": str(bundle), "format": m.format,
+        "name": f"edgelm {m.format} {m.scheme}" + _int4_label(m) + _compressed_label(m.source), "kind": "bundle",
+        "bundle": str(bundle), "format": m.format,
         "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),
         "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "load_s": load_s,
         **{k: _summary(v) for k, v in samples.items()},

@@ -86,6 +86,9 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Embedding table precision for quantized schemes.")
 @click.option("--lm-head", type=click.Choice(["int8", "scheme", "fp32"]), default="int8", show_default=True,
               help="LM head precision for quantized schemes ('scheme': same as the other linears).")
+@click.option("--int4-symmetric", is_flag=True,
+              help="w4a8: symmetric int4 groups (GGUF Q4_0's form) instead of groups with a float minimum "
+                   "(Q4_1's form); faster in pte, less accurate. LiteRT's int4 is always symmetric.")
 @click.option("--calib", type=click.Path(exists=True), default=None,
               help="Calibration text (file or folder) for w8a8-static; default: the built-in set.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
@@ -112,7 +115,8 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @_compress_flags
 @click.pass_context
 def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target: str | None, scheme: str,
-            group_size: int, embedding: str, lm_head: str, calib: str | None, eval_text: str | None,
+            group_size: int, embedding: str, lm_head: str, int4_symmetric: bool, calib: str | None,
+            eval_text: str | None,
             eval_windows: int, evaluate: bool | None, max_context: int | None, max_prefill: int,
             prefill_lengths: tuple[int, ...] | None, threads: int | None, force: bool, no_verify: bool,
             max_logit_error: float | None, min_top1: float | None, max_ppl_increase: float,
@@ -148,7 +152,8 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
                                  group_size=typed("group_size"), max_context=typed("max_context"),
                                  max_prefill=typed("max_prefill"), prefill_lengths=prefill_lengths)
     opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify,
-                          embedding=embedding, lm_head=lm_head, calib=calib, eval=eval_text,
+                          embedding=embedding, lm_head=lm_head, int4_symmetric=int4_symmetric, calib=calib,
+                          eval=eval_text,
                           eval_windows=eval_windows, evaluate=evaluate, max_logit_error=max_logit_error,
                           min_top1=min_top1, max_ppl_increase=max_ppl_increase,
                           progress=sys.stderr.isatty(), target=profile, **settings)

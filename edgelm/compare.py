@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -389,7 +390,7 @@ def plot_peers(report: dict[str, Any], path: Path) -> str | None:
     ax1.set_xlabel("decode tokens/s (median, min–max)")
     ax2.barh(names, [r["ttft_s"]["median"] * 1e3 for r in rows], color=c)
     ax2.set_xlabel("time to first token, ms")
-    fig.suptitle(machine_line(report), fontsize=8)
+    fig.suptitle(textwrap.fill(machine_line(report), 150), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

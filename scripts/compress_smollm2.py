@@ -11,10 +11,11 @@ built-in held-out text, which no step trains or calibrates on):
 
 Parameters are all parameters with the tied embedding / LM head counted once.
 
-    python scripts/compress_smollm2.py --minutes 35 --json /tmp/compress_smollm2.json
+    python scripts/compress_smollm2.py --json /tmp/compress_smollm2.json
 
-On a 2-core machine the distillation step count is set from a timed trial step so the run
-fits --minutes (or pass --steps).
+Defaults are the measured recipe: 256 teacher-generated sequences plus the calibration text,
+400 steps of 8 x 128 tokens, bf16 forward passes (pass --precision fp32 on CPUs without
+AMX or ARM BF16). --minutes sizes the step count from a timed trial step instead.
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ def main() -> None:
     ap.add_argument("--prune-heads", type=float, default=0.0)
     ap.add_argument("--low-rank-energy", type=float, default=0.9)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--minutes", type=float, default=35.0, help="distillation time budget")
-    ap.add_argument("--steps", type=int, default=None, help="distillation steps (default: from --minutes)")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--minutes", type=float, default=None, help="size the distillation to this time budget instead")
+    ap.add_argument("--steps", type=int, default=400, help="distillation steps")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="distillation forward precision")
+    ap.add_argument("--hidden-mse", type=float, default=0.0, help="weight of the hidden-state loss")
     ap.add_argument("--data", default=None, help="training text (default: the built-in calibration text)")
-    ap.add_argument("--generate", type=int, default=0,
+    ap.add_argument("--generate", type=int, default=256,
                     help="also train on N sequences the teacher generates from seeded prompts (data-free)")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--checkpoint", default="/tmp/compress_smollm2.distill", help="resumable training state")
@@ -117,10 +120,10 @@ def main() -> None:
     assert pruned["params"] <= 0.70 * rows[0]["params"], "pruning must reach <= 70% of the parameters"
 
     steps = args.steps
-    if steps is None:  # time two trial steps on a copy, then size the run to the budget
+    if args.minutes:  # time two trial steps on a copy, then size the run to the budget
         trial = copy.deepcopy(student)
         tc = DistillConfig(steps=2, batch_size=args.batch, seq_len=args.seq_len, progress=False, eval_every=10 ** 9,
-                           checkpoint_every=0)
+                           checkpoint_every=0, precision=args.precision)
         times = []
         distill(teacher, trial, train, tc, on_step=lambda s, _loss: times.append(time.perf_counter()))
         step_s = times[1] - times[0]
@@ -129,6 +132,7 @@ def main() -> None:
         del trial
     dcfg = DistillConfig(steps=steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
                          warmup=max(2, steps // 20), temperature=args.temperature, eval_every=max(5, steps // 4),
+                         precision=args.precision, hidden_mse_weight=args.hidden_mse,
                          checkpoint_every=max(5, steps // 10), progress=False)
     result = distill(teacher, student, train, dcfg, eval_windows=windows, checkpoint_dir=args.checkpoint,
                      layer_map=layer_map)

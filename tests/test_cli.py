@@ -94,6 +94,7 @@ def test_convert_with_target_profiles_records_their_choices(tmp_path):
     android = load_profile("android-arm64")
     assert m2["scheme"] == "w4a8" != android.convert.scheme and m2["max_context"] == 64
     assert m2["io"]["quantization"]["group_size"] == android.convert.group_size
+    assert m2["io"]["quantization"]["int4_symmetric"] is False  # groups with a float minimum by default
     assert m2["target"]["name"] == "android-arm64" and m2["format"] == android.convert.formats[0]
     assert edgelm("run", out2, "hello", "-n", "4", check=True).returncode == 0
 

@@ -154,6 +154,21 @@ def test_distillation_lowers_kl_and_keeps_sparsity(src, calib):
     assert sparsity_of(student) == pytest.approx(0.3, abs=0.01)
 
 
+def test_bf16_distillation_lowers_kl_and_keeps_fp32_weights(src, calib):
+    teacher, student, _ = _pruned_pair(src, calib)
+    data = tokens(64, seed=5).repeat(4, 1)
+    windows = tokens(32, seed=9).tolist()
+    ref = teacher_targets(teacher, windows)
+    before = evaluate(student, windows, ref)["kl"]
+    cfg = DistillConfig(steps=40, batch_size=4, seq_len=32, lr=3e-3, eval_every=40, progress=False, precision="bf16")
+    distill(teacher, student, data, cfg)
+    after = evaluate(student, windows, ref)["kl"]
+    assert after < 0.8 * before, (before, after)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    with pytest.raises(CompressionError, match="fp32 or bf16"):
+        distill(teacher, student, data, DistillConfig(steps=1, batch_size=2, seq_len=16, precision="fp16"))
+
+
 def test_interrupted_distillation_resumes_from_checkpoint(src, calib, tmp_path):
     data = tokens(48, seed=7).repeat(3, 1)
     cfg = DistillConfig(steps=6, batch_size=2, seq_len=24, lr=1e-3, checkpoint_every=2, eval_every=100,
@@ -206,3 +221,8 @@ def test_compress_then_convert_round_trip(tmp_path):
     manifest = json.loads((bundle / "edgelm.json").read_text())
     assert manifest["model"]["ffn_dim"] == [96, 96] and manifest["model"]["low_rank"] == meta["config"]["low_rank"]
     assert manifest["verification"]["parity"]["passed"] is True
+    from edgelm.bench import bench_bundle
+
+    row = bench_bundle(str(bundle), new_tokens=3, runs=1, warmup=0, threads=1)
+    ratio = manifest["source"]["compression"]["params_ratio"]
+    assert ratio < 1 and row["name"] == f"edgelm onnx fp32 (compressed to {ratio:.0%} of the parameters)"

@@ -130,6 +130,21 @@ def test_lm_head_and_embedding_choices(tmp_path):
     assert q["embedding"] == "int8" and q["embedding_note"].startswith("its own")  # the tied head is int4 now
 
 
+def test_symmetric_int4_is_plain_matmulnbits(tmp_path):
+    """--int4-symmetric: MatMulNBits' own zero point, no block sums or offsets."""
+    from edgelm.bundle import load_manifest
+
+    path = _convert(tmp_path, "w4a8", int4_symmetric=True)
+    q = load_manifest(path)[1].verification["lowering"]["quantization"]
+    assert q["zero_point"] == "symmetric" and q["weights"] == {"int4": q["linear_total"] - 1, "int8": 1}
+    nodes = _graph(path).graph.node
+    assert not any(n.name.endswith(("_offsets", "_sums")) for n in nodes)
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == q["linear_total"]
+    from edgelm.bench import bench_bundle
+
+    assert bench_bundle(str(path), new_tokens=2, runs=1, warmup=0, threads=1)["name"] == "edgelm onnx w4a8 symmetric"
+
+
 def _run(path, ids):
     import onnxruntime as ort
 

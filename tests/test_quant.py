@@ -31,7 +31,7 @@ def test_torchao_schemes_quantize_what_they_claim(tiny_source, scheme):
     assert all(type(w) is not nn.Parameter for w in weights.values())
     assert type(model.tok_embeddings.weight) is not nn.Parameter  # embedding int8 by default
     # int4 group-wise body: at most 16 distinct levels per group
-    qdata = weights["layers.0.mlp.w_up"].qdata
+    qdata = weights["layers.0.mlp.w_up.linear" if scheme == "w4a8" else "layers.0.mlp.w_up"].qdata
     if scheme == "w4a8":
         assert qdata.min() >= -8 and qdata.max() <= 7
     else:
@@ -44,10 +44,50 @@ def test_group_size_that_does_not_divide_is_reported(tiny_source):
     model = build_decoder(cfg, tiny_source.state_dict)
     report = quantize_torchao(model, QuantSpec("w4a8", group_size=128, embedding="fp32", lm_head="fp32"))
     # dim 64 and ffn 128: only w_down (in_features 128) divides by 128
-    assert report["linear_left_fp32"] and "layers.0.mlp.w_down" not in report["linear_left_fp32"]
+    assert report["linear_left_fp32"] and "layers.0.mlp.w_down.linear" not in report["linear_left_fp32"]
+    assert type(model.layers[0].mlp.w_down.linear.weight) is not nn.Parameter
     assert "layers.0.attn.wq" in report["linear_left_fp32"]
     assert report["linear_quantized"] == cfg.n_layers
     assert report["lm_head"] == "fp32" and type(model.tok_embeddings.weight) is nn.Parameter
+
+
+def _on_q4_1_grid(model, block: int, seed: int = 0) -> None:
+    """Put every block linear's weights on an asymmetric 4-bit grid (GGUF Q4_1's form:
+    ``scale * u + minimum``, u in 0..15, both ends used) with bf16-exact scales."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and name != "output":
+            n, k = m.weight.shape
+            scale = (torch.rand(n, k // block, 1, generator=gen) * 0.02 + 0.005).to(torch.bfloat16).float()
+            low = torch.randn(n, k // block, 1, generator=gen) * 0.05
+            u = torch.randint(0, 16, (n, k // block, block), generator=gen).float()
+            u[..., 0], u[..., 1] = 0, 15
+            m.weight.data = (scale * u + low).reshape(n, k)
+
+
+@pytest.mark.parametrize("block_minimum", [True, False])
+def test_w4a8_block_minimum_is_exact_on_an_asymmetric_grid(tiny_source, block_minimum):
+    model = build_decoder(tiny_source.config, tiny_source.state_dict)
+    _on_q4_1_grid(model, 16)
+    ref = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    x = torch.randn(1, 3, tiny_source.config.dim)
+    with torch.no_grad():
+        want = model.layers[0].attn.wq(x)
+    report = quantize_torchao(model, QuantSpec("w4a8", group_size=16, lm_head="fp32",
+                                               int4_symmetric=not block_minimum))
+    assert report["linear_quantized"] == report["linear_total"] - 1  # all but the fp32 head
+    wq = model.layers[0].attn.wq
+    if block_minimum:
+        assert report["zero_point"].startswith("float minimum")
+        # the int4 part plus the float offsets reproduce every weight exactly
+        w = wq.linear.weight.dequantize() + wq.offsets @ wq.indicator
+        torch.testing.assert_close(w, ref["layers.0.attn.wq"], atol=1e-6, rtol=0)
+        assert wq.linear.weight.qdata.min() == -8 and wq.linear.weight.qdata.max() == 7
+        with torch.no_grad():  # left: only the dynamic int8 rounding of the activations
+            assert (wq(x) - want).abs().max() < 0.02 * want.abs().max()
+    else:  # symmetric int4 cannot hold an asymmetric 16-level grid: every block moves
+        err = (wq.weight.dequantize() - ref["layers.0.attn.wq"]).abs().max()
+        assert err > 1e-3 and report["zero_point"] == "symmetric"
 
 
 def test_unsupported_scheme_names_the_supported_ones():

@@ -235,6 +235,7 @@ def test_block_size_that_does_not_divide_is_reported(float_file, tmp_path):
     assert "layers.0.mlp.w_down" not in q["linear_left_fp32"] and "layers.0.attn.wq" in q["linear_left_fp32"]
     assert q["linear_quantized"] == 2 + 1  # w_down of both layers + the head
     assert q["block_size"] == 128 and q["lm_head"] == "int8"
+    assert q["zero_point"] == "symmetric"  # LiteRT's blockwise int4, whatever QuantSpec.int4_symmetric says
 
 
 def test_unsupported_requests_fail_before_converting():

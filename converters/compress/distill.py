@@ -62,6 +62,9 @@ class DistillConfig:
     checkpoint_every: int = 50
     seed: int = 0
     train_embeddings: bool = False  # the (tied) embedding is the largest matrix; frozen by default
+    # "bf16": forward passes under CPU autocast to bfloat16 (AMX on recent Xeons, BF16 on ARMv8.6);
+    # weights, gradients, optimizer state and the loss stay fp32.
+    precision: str = "fp32"
     progress: bool = True
 
 
@@ -261,6 +264,8 @@ def distill(teacher: Decoder, student: Decoder, data: torch.Tensor, cfg: Distill
     ``masks`` keep unstructured zeros at zero; ``layer_map[i]`` is the teacher layer student
     layer ``i`` came from (for the hidden-state loss); ``on_step(step, loss)`` is called after
     every step (tests use it to interrupt a run)."""
+    if cfg.precision not in ("fp32", "bf16"):
+        raise CompressionError(f"distillation precision must be fp32 or bf16, got {cfg.precision!r}")
     if data.ndim != 2 or data.shape[1] < cfg.seq_len:
         raise CompressionError(f"training data must be [N, >= {cfg.seq_len}] tokens, got {list(data.shape)}")
     teacher.eval()
@@ -324,9 +329,10 @@ def distill(teacher: Decoder, student: Decoder, data: torch.Tensor, cfg: Distill
             for step in range(start, cfg.steps):
                 t_step = time.perf_counter()
                 batch = _batch(data, step, cfg)
-                with torch.no_grad():
-                    t_logits = forward_full(teacher, batch)
-                s_logits = forward_full(student, batch)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    with torch.no_grad():
+                        t_logits = forward_full(teacher, batch).float()
+                    s_logits = forward_full(student, batch).float()
                 v = s_logits.shape[-1]
                 loss = F.kl_div(F.log_softmax(s_logits.reshape(-1, v) / t_temp, -1),
                                 F.log_softmax(t_logits.reshape(-1, v) / t_temp, -1),

@@ -121,7 +121,8 @@ def compress_source(source: Source, opts: CompressOptions, progress: bool = True
                              warmup=opts.distill_warmup, temperature=opts.distill_temperature,
                              ce_weight=opts.distill_ce, hidden_mse_weight=opts.distill_hidden_mse,
                              eval_every=opts.distill_eval_every, seed=opts.seed,
-                             train_embeddings=opts.train_embeddings, progress=progress)
+                             train_embeddings=opts.train_embeddings, precision=opts.distill_precision,
+                             progress=progress)
         result = distill(teacher, student, data, dcfg, eval_windows=eval_windows,
                          checkpoint_dir=checkpoint_dir or opts.distill_checkpoint, layer_map=layer_map, masks=masks)
         report["distill"] = {"config": dataclasses.asdict(dcfg), "wall_s": round(result.wall_s, 1),

@@ -553,7 +553,12 @@ def quantize_file(src: Path, spec: QuantSpec, calibration: list[list[int]] | Non
         if spec.lm_head == "int8":
             model = nbits(model, [lin.node for lin in head], bits=8, block_size=W8_BLOCK, accuracy_level=4,
                           symmetric=True)
-        model = blocks_with_minimum(model, body + (head if spec.lm_head == "scheme" else []), spec.group_size)
+        int4 = body + (head if spec.lm_head == "scheme" else [])
+        if spec.int4_symmetric:  # MatMulNBits' own form: zero point 8, no block-sum matmul
+            model = nbits(model, [lin.node for lin in int4], bits=4, block_size=spec.group_size, accuracy_level=4,
+                          symmetric=True)
+        else:
+            model = blocks_with_minimum(model, int4, spec.group_size)
     else:
         with tempfile.TemporaryDirectory(prefix="edgelm-onnx-quant-") as tmp:
             model = static_int8(model, [lin.node for lin in body + head], WindowReader(src, calibration, chunk),
@@ -587,7 +592,8 @@ def quantize_file(src: Path, spec: QuantSpec, calibration: list[list[int]] | Non
         report["embedding_note"] = note
     if scheme == "w4a8":
         report["group_size"] = spec.group_size
-        report["zero_point"] = "float minimum per block (w = scale * q + minimum)"
+        report["zero_point"] = ("symmetric" if spec.int4_symmetric
+                                else "float minimum per block (w = scale * q + minimum)")
     if scheme in ("w8a8", "w4a8") and head:
         report["lm_head_block_size"] = W8_BLOCK if per[HEAD]["weight"] == "int8" else spec.group_size
     if scheme == "w8a8-static":

@@ -433,6 +433,8 @@ def quantize_tflite(path: Path, model: nn.Module, spec) -> dict:
         "weights": f"int{bits}",
         "granularity": "blockwise" if bits == 4 else "per-channel",
         "block_size": spec.group_size if bits == 4 else None,
+        # ai-edge-quantizer's blockwise int4 is symmetric; a float minimum per block has no LiteRT kernel
+        **({"zero_point": "symmetric"} if bits == 4 else {}),
         "activations": "int8 dynamic" if dynamic else "float (weights dequantized)",
         "runtime": ("integer kernels on float activations (XNNPACK dynamic range)" if dynamic else
                     "LiteRT dequantizes the weights to float when it loads the file (per signature): "
