@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -153,6 +154,7 @@ def main() -> None:
           f"(target >= 50%: {'met' if recovered >= 0.5 else 'NOT met'}); total {time.perf_counter() - t0:.0f} s",
           flush=True)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "distill_wall_s": result.wall_s, "steps": steps, "history": result.history,
                        "recovered": recovered, "args": vars(args)}, f, indent=2)
