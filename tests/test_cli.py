@@ -119,3 +119,12 @@ def test_bench_prints_json_and_rejects_bad_combinations(tiny_pte):
     assert report["machine"]["cores"] >= 1
     assert_clean_error(edgelm("bench"), "give at least one bundle")
     assert_clean_error(edgelm("bench", tiny_pte, "--eager", "--device", "local"), "--eager runs on this machine")
+
+
+def test_int4_symmetric_flag_reaches_the_lowering(tmp_path):
+    out = tmp_path / "sym"
+    edgelm("convert", "builtin:tiny", "-f", "onnx", "-q", "w4a8", "--int4-symmetric", "-o", out,
+           "--eval-windows", "1", "--min-top1", "0.2", "--max-ppl-increase", "2", check=True)
+    m = json.loads(edgelm("inspect", out, "--json", check=True).stdout)
+    assert m["io"]["quantization"]["int4_symmetric"] is True
+    assert m["verification"]["lowering"]["quantization"]["zero_point"] == "symmetric"

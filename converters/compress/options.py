@@ -105,7 +105,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         help="Folder for the training checkpoint; an interrupted run resumes from it.")),
     ("--distill-precision", "distill_precision", dict(
         type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-        help="bf16 runs the forward passes in bfloat16 (several times faster on CPUs with AMX or ARM BF16).")),
+        help="bf16 runs the forward passes in bfloat16 (faster on CPUs with AMX or ARM BF16).")),
     ("--compress-seed", "seed", dict(type=int, default=0, show_default=True)),
 ]
 
