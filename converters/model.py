@@ -55,25 +55,28 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm whose mean of squares is a matmul with a constant column of 1/dim.
+    """RMSNorm whose mean of squares is a linear layer with one constant row of 1/dim.
 
-    Same numbers as ``mean(-1)``, but a matmul is delegated by XNNPACK where ``mean.dim``
+    Same numbers as ``mean(-1)``, but a linear is delegated by XNNPACK where ``mean.dim``
     over the last axis is not: a reduction op would split every layer into extra
-    delegate calls.
+    delegate calls. ``F.linear`` rather than ``matmul``: a 3-D matmul decomposes into
+    reshapes by the symbolic sequence length, which XNNPACK cannot take in a
+    dynamic-length (prefill) graph.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.register_buffer("inv_dim", torch.full((dim, 1), 1.0 / dim), persistent=False)
+        self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(torch.matmul(x * x, self.inv_dim) + self.eps) * self.weight
+        return x * torch.rsqrt(F.linear(x * x, self.inv_dim) + self.eps) * self.weight
 
 
 def rotate_half_matrix(head_dim: int) -> torch.Tensor:
-    """P with ``x @ P == cat(-x[..., D/2:], x[..., :D/2])`` (rotate-half as a matmul)."""
+    """P with ``x @ P == cat(-x[..., D/2:], x[..., :D/2])`` (rotate-half as a matmul);
+    ``F.linear(x, P.T)`` is the same product."""
     h = head_dim // 2
     p = torch.zeros(head_dim, head_dim)
     p[h:, :h] = -torch.eye(h)
@@ -82,14 +85,14 @@ def rotate_half_matrix(head_dim: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face weight convention). x: [B, S, H, D]; cos/sin: [S, D].
+    """Rotate-half RoPE (the Hugging Face weight convention). x: [B, S, H, D]; cos/sin: [S, 1, D];
+    rot: ``rotate_half_matrix(D).T`` (a linear layer's weight).
 
-    The rotation is a matmul with a constant matrix instead of split + cat, so the
-    whole projection-and-rotary block stays one XNNPACK delegate.
+    The rotation is a linear layer with a constant weight instead of split + cat, and
+    nothing here reshapes by the sequence length, so the whole projection-and-rotary
+    block stays one XNNPACK delegate in prefill graphs too.
     """
-    b, s, _, d = x.shape
-    c, sn = cos.view(1, s, 1, d), sin.view(1, s, 1, d)
-    return x * c + torch.matmul(x, rot) * sn
+    return x * cos + F.linear(x, rot) * sin
 
 
 class LowRankLinear(nn.Module):
@@ -137,10 +140,10 @@ class Attention(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
     def _qkv(self, x, cos, sin, rot):
-        b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.hd), cos, sin, rot)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv, self.hd), cos, sin, rot)
-        v = self.wv(x).view(b, s, self.n_kv, self.hd)
+        b = x.shape[0]  # -1 for the sequence axis: XNNPACK reshapes with one inferred dim, not a symbolic one
+        q = apply_rope(self.wq(x).view(b, -1, self.n_heads, self.hd), cos, sin, rot)
+        k = apply_rope(self.wk(x).view(b, -1, self.n_kv, self.hd), cos, sin, rot)
+        v = self.wv(x).view(b, -1, self.n_kv, self.hd)
         return q, k, v
 
     def _attend(self, q, keys, values, mask):
@@ -163,7 +166,7 @@ class Attention(nn.Module):
             torch.ops.llama.update_cache(k, self.k_cache, start_pos)
             torch.ops.llama.update_cache(v, self.v_cache, start_pos)
             out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
-            return self.wo(out.reshape(x.shape[0], x.shape[1], -1)), None
+            return self.wo(out.reshape(x.shape[0], -1, self.n_heads * self.hd)), None
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         if self.stateful:
             self.k_cache.index_copy_(2, pos, k)
@@ -226,7 +229,7 @@ class Decoder(nn.Module):
         freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
         self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
         self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
-        self.register_buffer("rope_rot", rotate_half_matrix(cfg.head_dim), persistent=False)
+        self.register_buffer("rope_rot", rotate_half_matrix(cfg.head_dim).T.contiguous(), persistent=False)
         self.full_logits = False
         # functional mode only: attend to cache rows [0, start_pos) plus the new rows instead of all
         # max_context (a data-dependent shape: for dynamic-shape exporters such as ONNX, not TFLite)
@@ -262,13 +265,13 @@ class Decoder(nn.Module):
             start_pos = input_pos[0].item()
             torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
-            cos = self.rope_cos.narrow(0, start_pos, s)
-            sin = self.rope_sin.narrow(0, start_pos, s)
+            cos = self.rope_cos.narrow(0, start_pos, s).unsqueeze(1)
+            sin = self.rope_sin.narrow(0, start_pos, s).unsqueeze(1)
             pos = mask = None
         else:
             start_pos = None
             pos = input_pos[0] + torch.arange(s, dtype=torch.long)
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
             if self.window_attention and caches is not None:  # attend to the filled rows only
                 start_pos = input_pos[0].item()
                 torch._check(start_pos >= 0)

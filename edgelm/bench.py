@@ -47,16 +47,39 @@ def _compressed_label(source: dict[str, Any]) -> str:
     return f" (compressed to {ratio:.0%} of the parameters)" if ratio and ratio < 1 else ""
 
 
+def _bundle_label(manifest) -> str:
+    return f"edgelm {manifest.format} {manifest.scheme}" + _int4_label(manifest) + _compressed_label(manifest.source)
+
+
+def _model_bytes(manifest) -> int:
+    return sum(f["size"] for name, f in manifest.files.items() if name != manifest.tokenizer_file)
+
+
+def row_name_and_size(engine) -> tuple[str, int]:
+    """A bench row's name and model bytes (tokenizer excluded). With a draft attached the row
+    says so, and the size counts both bundles: a device would hold both."""
+    m = engine.manifest
+    name, size = _bundle_label(m), _model_bytes(m)
+    if engine.draft is not None:
+        dm = engine.draft.manifest
+        name += f" + draft {_bundle_label(dm).removeprefix('edgelm ')} (speculative, {engine.draft_tokens} tokens)"
+        size += _model_bytes(dm)
+    return name, size
+
+
 def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
-                 warmup: int = 1, threads: int | None = None, chat: bool = True) -> dict[str, Any]:
-    """Time ``runs`` greedy generations of exactly ``new_tokens`` tokens from ``bundle``."""
+                 warmup: int = 1, threads: int | None = None, chat: bool = True, draft: str | None = None,
+                 draft_tokens: int = 5) -> dict[str, Any]:
+    """Time ``runs`` greedy generations of exactly ``new_tokens`` tokens from ``bundle``
+    (speculatively with ``draft`` proposing ``draft_tokens`` at a time, when given)."""
     from edgelm.runtime import Engine
 
     t = time.perf_counter()
-    engine = Engine.load(bundle, threads=threads)
+    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens)
     load_s = time.perf_counter() - t
     ids = engine.encode_prompt(prompt, chat=chat and bool(engine.manifest.chat_template))
-    samples: dict[str, list[float]] = {"ttft_s": [], "prefill_tps": [], "decode_tps": [], "overhead_share": []}
+    samples: dict[str, list[float]] = {"ttft_s": [], "prefill_tps": [], "decode_tps": [], "overhead_share": [],
+                                       "acceptance": []}
     for i in range(warmup + runs):
         for _ in engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True):
             pass
@@ -66,11 +89,14 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
             samples["prefill_tps"].append(s.prefill_tps)
             samples["decode_tps"].append(s.decode_tps)
             samples["overhead_share"].append(s.overhead_share)
+            samples["acceptance"].append(s.acceptance)
     m = engine.manifest
-    size = sum(f["size"] for name, f in m.files.items() if name != m.tokenizer_file)
+    name, size = row_name_and_size(engine)
+    extra = {"draft": str(draft), "draft_tokens": draft_tokens} if engine.draft is not None else {}
+    if engine.draft is None:
+        del samples["acceptance"]
     return {
-        "name": f"edgelm {m.format} {m.scheme}" + _int4_label(m) + _compressed_label(m.source), "kind": "bundle",
-        "bundle": str(bundle), "format": m.format,
+        "name": name, "kind": "bundle", "bundle": str(bundle), **extra, "format": m.format,
         "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),
         "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "load_s": load_s,
         **{k: _summary(v) for k, v in samples.items()},
@@ -127,7 +153,8 @@ def format_table(rows: list[dict[str, Any]], baseline: str | None = None) -> str
         d = r["decode_tps"]
         ratio = f"{d['median'] / base['decode_tps']['median']:.2f}x" if base else "–"
         size = f"{r['size_mb']:.1f}" if r.get("size_mb") else "–"
-        lines.append(f"| {r['name']} | {size} | {r['peak_rss_mb']:.0f} | {r['ttft_s']['median'] * 1e3:.0f} | "
+        name = r["name"] + (f", {r['acceptance']['median']:.0%} of draft tokens kept" if r.get("acceptance") else "")
+        lines.append(f"| {name} | {size} | {r['peak_rss_mb']:.0f} | {r['ttft_s']['median'] * 1e3:.0f} | "
                      f"{r['prefill_tps']['median']:.0f} | {d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | "
                      f"{ratio} |")
     return "\n".join(lines)

@@ -59,6 +59,15 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+def _draft_options(f):
+    """``--draft`` / ``--draft-tokens``: speculative decoding with a smaller bundle."""
+    f = click.option("--draft-tokens", type=click.IntRange(1, 15), default=5, show_default=True,
+                     help="Tokens the draft proposes per verify pass.")(f)
+    return click.option("--draft", type=click.Path(path_type=Path), default=None,
+                        help="A smaller bundle of the same model (e.g. its w8a8 .pte) that proposes tokens; BUNDLE "
+                        "(a .pte) checks several per pass: speculative decoding, same greedy output.")(f)
+
+
 def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -277,14 +286,16 @@ def evaluate(bundle: Path, source: str | None, eval_text: str | None, eval_windo
 @click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens instead of failing when the prompt "
               "does not fit the context window.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
+@_draft_options
 @click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed.")
 def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, max_new_tokens: int,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-        stops: tuple[str, ...], truncate: bool, threads: int | None, stats: bool) -> None:
+        stops: tuple[str, ...], truncate: bool, threads: int | None, draft: Path | None, draft_tokens: int,
+        stats: bool) -> None:
     """Stream the model's answer to PROMPT from BUNDLE."""
     from edgelm.runtime import Engine, SamplingConfig
 
-    engine = Engine.load(bundle, threads=threads)
+    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens)
     use_chat = bool(engine.manifest.chat_template) if chat is None else chat
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
@@ -299,7 +310,9 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, max_ne
             f"[{engine.manifest.format}/{engine.manifest.scheme}] prompt {s.prompt_tokens} tokens, "
             f"generated {s.generated_tokens} ({s.stop_reason}); time to first token {s.ttft_s * 1e3:.0f} ms; "
             f"prefill {s.prefill_tps:.1f} tokens/s; decode {s.decode_tps:.1f} tokens/s; "
-            f"runtime overhead {s.overhead_share:.1%} of decode time",
+            f"runtime overhead {s.overhead_share:.1%} of decode time"
+            + (f"; speculative: {s.accepted_tokens} of {s.draft_tokens} draft tokens accepted ({s.acceptance:.0%})"
+               if engine.draft is not None else ""),
             err=True,
         )
 
@@ -345,16 +358,18 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 @click.option("--prompt", default=None, help="Prompt (chat-formatted when the model has a template).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the results as JSON to this file ('-': print the JSON instead of the table).")
+@_draft_options
 @device_options(required=False)
 def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, warmup: int,
-          new_tokens: int, prompt: str | None, json_out: Path | None, device: str | None, workdir: str | None,
-          ssh_config: Path | None, install: bool, device_python: str | None, connect_timeout: int,
-          pip_args: tuple[str, ...]) -> None:
+          new_tokens: int, prompt: str | None, json_out: Path | None, draft: Path | None, draft_tokens: int,
+          device: str | None, workdir: str | None, ssh_config: Path | None, install: bool, device_python: str | None,
+          connect_timeout: int, pip_args: tuple[str, ...]) -> None:
     """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
 
     Each row runs in its own process with the same thread count and prompt; figures are medians
-    of --runs timed generations of exactly --new-tokens tokens after --warmup. With --device the
-    bundles are deployed (as `edgelm deploy` does) and timed on that device instead.
+    of --runs timed generations of exactly --new-tokens tokens after --warmup. With --draft every
+    bundle gets a second row decoding speculatively with that draft. With --device the bundles
+    are deployed (as `edgelm deploy` does) and timed on that device instead.
     """
     from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row
 
@@ -373,7 +388,8 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
                 results = run_device_bench(bundles, device, workdir=workdir, ssh_config=ssh_config, install=install,
                                            device_python=device_python, connect_timeout=connect_timeout,
                                            threads=threads, runs=runs, warmup=warmup, new_tokens=new_tokens,
-                                           prompt=prompt, json_out=None, pip_args=pip_args)
+                                           prompt=prompt, json_out=None, pip_args=pip_args, draft=draft,
+                                           draft_tokens=draft_tokens)
             from edgelm.deploy.remote_bench import device_report
 
             click.echo(buf.getvalue(), err=True, nl=False)
@@ -381,7 +397,8 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
             return
         run_device_bench(bundles, device, workdir=workdir, ssh_config=ssh_config, install=install,
                          device_python=device_python, connect_timeout=connect_timeout, threads=threads, runs=runs,
-                         warmup=warmup, new_tokens=new_tokens, prompt=prompt, json_out=json_out, pip_args=pip_args)
+                         warmup=warmup, new_tokens=new_tokens, prompt=prompt, json_out=json_out, pip_args=pip_args,
+                         draft=draft, draft_tokens=draft_tokens)
         return
     if not bundles and not eager:
         raise click.UsageError("give at least one bundle, or --eager")
@@ -389,7 +406,11 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     common = {"prompt": prompt or DEFAULT_PROMPT, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
               "threads": threads}
     rows = [{"kind": "eager", "source": source, **common}] if eager else []
-    rows += [{"kind": "bundle", "bundle": str(b), **common} for b in bundles]
+    for b in bundles:
+        rows.append({"kind": "bundle", "bundle": str(b), **common})
+        if draft is not None:
+            rows.append({"kind": "bundle", "bundle": str(b), "draft": str(draft), "draft_tokens": draft_tokens,
+                         **common})
     results = []
     for row in rows:
         click.echo(f"running {row['kind']} {row.get('bundle', row.get('source') or '')}...", err=True)

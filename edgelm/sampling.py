@@ -36,7 +36,11 @@ class Sampler:
         self.config = config or SamplingConfig()
         self.rng = np.random.default_rng(self.config.seed)
 
-    def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+    @property
+    def greedy(self) -> bool:
+        return self.config.temperature == 0.0
+
+    def _penalized(self, logits: np.ndarray, history: Iterable[int]) -> np.ndarray:
         c = self.config
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         if c.repetition_penalty != 1.0:
@@ -45,9 +49,14 @@ class Sampler:
                 logits = logits.copy()
                 vals = logits[seen]
                 logits[seen] = np.where(vals > 0, vals / c.repetition_penalty, vals * c.repetition_penalty)
-        if c.temperature == 0.0:
-            return int(np.argmax(logits))
-        logits = logits / c.temperature
+        return logits
+
+    def probs(self, logits: np.ndarray, history: Iterable[int] = ()) -> np.ndarray:
+        """The distribution a non-greedy sampler draws from (temperature, top-k, top-p applied)."""
+        c = self.config
+        if self.greedy:
+            raise ValueError("a greedy sampler has no distribution; use the token it picks")
+        logits = self._penalized(logits, history) / c.temperature
         if c.top_k and c.top_k < logits.size:
             kth = np.partition(logits, -c.top_k)[-c.top_k]
             logits = np.where(logits < kth, -np.inf, logits)
@@ -62,4 +71,26 @@ class Sampler:
             masked = np.zeros_like(probs)
             masked[keep] = probs[keep]
             probs = masked / masked.sum()
+        return probs
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token from ``probs`` with this sampler's random generator."""
         return int(self.rng.choice(probs.size, p=probs))
+
+    def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
+        if self.greedy:
+            return int(np.argmax(self._penalized(logits, history)))
+        return self.draw(self.probs(logits, history))
+
+    def accept_draft(self, p: np.ndarray, q: np.ndarray, token: int) -> tuple[bool, int]:
+        """Speculative sampling's test of a draft ``token`` drawn from ``q`` against the target ``p``.
+
+        Accept with probability ``min(1, p[token] / q[token])``; on rejection draw from the
+        normalized ``max(p - q, 0)``. Either way the token returned is distributed exactly as
+        ``p`` (Leviathan et al. 2023, Chen et al. 2023). Returns ``(accepted, token)``.
+        """
+        if self.rng.random() * q[token] < p[token]:
+            return True, token
+        residual = np.maximum(p - q, 0.0)
+        total = residual.sum()
+        return False, self.draw(residual / total if total > 0 else p)

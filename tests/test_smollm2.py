@@ -36,9 +36,9 @@ def hf_greedy(hf_model, ids: list[int], eos: frozenset[int], n: int) -> list[int
     return [t for t in gen if t not in eos][:n]
 
 
-def check_matches_transformers(bundle, hf_smollm2):
+def check_matches_transformers(bundle, hf_smollm2, draft=None):
     hf_model, hf_tok = hf_smollm2
-    engine = Engine.load(bundle, threads=2)
+    engine = Engine.load(bundle, threads=2, draft=draft)
     longest = 0
     for kind, prompt in PROMPTS:
         ids = engine.encode_prompt(prompt, chat=kind == "chat")
@@ -56,11 +56,19 @@ def check_matches_transformers(bundle, hf_smollm2):
         assert got == want, (prompt, engine.tokenizer.decode(got), hf_tok.decode(want))
         assert len(got) == NEW_TOKENS, f"stopped early on {prompt!r}; pick a prompt with a longer answer"
     assert longest > engine.backend.max_prefill == SMOLLM2_PREFILL  # one prompt was prefilled in chunks
+    return engine
 
 
 @pytest.mark.parametrize("fmt", ["pte", "onnx", "tflite"])
 def test_greedy_matches_transformers(fmt, smollm2_bundles, hf_smollm2):
     check_matches_transformers(smollm2_bundles(fmt), hf_smollm2)
+
+
+def test_speculative_pte_matches_transformers(smollm2_bundles, hf_smollm2):
+    """The fp32 .pte checking an ONNX draft's tokens still gives transformers' greedy tokens."""
+    engine = check_matches_transformers(smollm2_bundles("pte"), hf_smollm2, draft=smollm2_bundles("onnx"))
+    s = engine.last_stats
+    assert s.draft_tokens >= 10 and s.acceptance > 0.9  # an fp32 draft of the same model agrees almost always
 
 
 def test_pte_chat_answer_is_sensible(smollm2_pte):

@@ -427,3 +427,19 @@ def test_deploy_command_prints_json(deployed, sshd, tiny_pte):
     assert out.exit_code == 0, out.output
     result = json.loads(out.output)
     assert result["sent"] == [] and result["check"]["ok"] and result["workdir"] == str(workdir)
+
+
+def test_device_bench_with_a_draft(deployed, sshd, tiny_pte):
+    """The draft is deployed beside the target and the row decodes speculatively on the device."""
+    from edgelm.bench import DEFAULT_PROMPT
+    from edgelm.deploy.remote_bench import bench_on_device
+    from edgelm.runtime import Engine
+
+    _, workdir, _ = deployed
+    result = bench_on_device(tiny_pte, "dev", workdir=str(workdir), ssh_config=sshd.config, python=sys.executable,
+                             install=False, new_tokens=8, runs=1, warmup=0, threads=1, draft=tiny_pte, draft_tokens=3)
+    assert result["name"] == "edgelm pte fp32 + draft pte fp32 (speculative, 3 tokens)"
+    assert result["acceptance"]["median"] == 1.0  # the target as its own draft: verify agrees with decode
+    host = Engine.load(tiny_pte, threads=1)
+    ids = host.encode_prompt(DEFAULT_PROMPT, chat=bool(host.manifest.chat_template))
+    assert result["greedy_tokens"] == list(host.generate_ids(ids, max_new_tokens=8, ignore_eos=True))

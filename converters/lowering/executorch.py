@@ -1,5 +1,11 @@
 """ExecuTorch lowering: a ``.pte`` with ``prefill`` and ``decode`` methods, XNNPACK-delegated.
 
+``prefill`` takes 2 to ``max_prefill`` tokens and returns the last one's logits. ``decode``
+takes 1 to ``MAX_VERIFY`` tokens and returns every position's logits: one token in plain
+decoding, a draft model's run in speculative decoding (checked in one pass). One method
+for both because XNNPACK packs the weights once per method: a separate ``verify`` method
+would hold a third copy in memory (540 MB for SmolLM2 at fp32). A dynamic-shape decode
+measured as fast as a fixed one-token decode.
 The KV cache lives in mutable buffers shared by both methods (``share_mutable_buffers``),
 so the runtime never moves it. Attention uses ExecuTorch's ``llama::update_cache`` and
 ``llama::custom_sdpa`` kernels, which attend only to the filled part of the cache.
@@ -38,6 +44,7 @@ def _delegation_summary(edge_manager) -> dict[str, int]:
 
 
 DATA_TAG = "edgelm_weights"
+MAX_VERIFY = 16  # tokens one ``decode`` call takes: a draft run of up to 15 plus the token before it
 
 
 def _tag_weights_external(ep, tag: str) -> None:
@@ -72,15 +79,18 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
         quant_report = quantize_torchao(m, opts.quant)
     pos = torch.tensor([0], dtype=torch.long)
     seq = Dim("seq", min=2, max=max_prefill)
+    max_verify = max(2, min(MAX_VERIFY, cfg.max_context))
+    two = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
         try:
-            programs = {
-                "prefill": export(m, (torch.zeros(1, 2, dtype=torch.long), pos),
-                                  dynamic_shapes=({1: seq}, None), strict=False),
-                "decode": export(m, (torch.zeros(1, 1, dtype=torch.long), pos), strict=False),
-            }
+            programs = {"prefill": export(m, (two, pos), dynamic_shapes=({1: seq}, None), strict=False)}
+            m.full_logits = True
+            programs["decode"] = export(m, (two, pos), dynamic_shapes=({1: Dim("step", min=1, max=max_verify)},
+                                                                       None), strict=False)
         except Exception as e:  # torch.export raises many types; surface them as one
             raise ConversionError(f"torch.export failed: {e}") from e
+        finally:
+            m.full_logits = False
         for ep in programs.values():
             _tag_weights_external(ep, DATA_TAG)
         edge = to_edge_transform_and_lower(
@@ -88,7 +98,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
             partitioner=[XnnpackPartitioner()],
             compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
             constant_methods={"max_context": cfg.max_context, "max_prefill": max_prefill,
-                              "vocab_size": cfg.vocab_size},
+                              "max_verify": max_verify, "vocab_size": cfg.vocab_size},
         )
         delegation = _delegation_summary(edge)
         et = edge.to_executorch(ExecutorchBackendConfig(
@@ -109,6 +119,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     log.info("wrote %s (%.1f MB) + %s (%.1f MB); delegation %s", out, out.stat().st_size / 1e6,
              final_data.name, final_data.stat().st_size / 1e6, delegation)
     io = {"methods": ["prefill", "decode"], "max_prefill": max_prefill, "min_prefill": 2,
+          "max_verify": max_verify,
           "kv_cache": "mutable_buffers", "data_file": final_data.name}
     report = {"delegation": delegation}
     if quant_report:

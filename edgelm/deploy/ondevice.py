@@ -235,18 +235,21 @@ def cmd_generate(args: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
     """Like :func:`edgelm.bench.bench_bundle`, with p10/p90 and the device's facts."""
-    from edgelm.bench import DEFAULT_PROMPT
+    from edgelm.bench import DEFAULT_PROMPT, row_name_and_size
     from edgelm.runtime import Engine
 
     runs, warmup = int(args.get("runs", 5)), int(args.get("warmup", 1))
     new_tokens, threads = int(args.get("new_tokens", 64)), args.get("threads")
     before = temperatures()
     t = time.perf_counter()
-    engine = Engine.load(args["bundle"], threads=threads)
+    draft_tokens = int(args.get("draft_tokens", 5))
+    engine = Engine.load(args["bundle"], threads=threads, draft=args.get("draft"), draft_tokens=draft_tokens)
     load_s = time.perf_counter() - t
     ids = _prompt_ids(engine, {"prompt": args.get("prompt") or DEFAULT_PROMPT, **args})
-    samples: dict[str, list[float]] = {k: [] for k in ("ttft_s", "prefill_tps", "decode_tps", "overhead_share",
-                                                      "total_s")}
+    keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share", "total_s"]
+    if engine.draft is not None:
+        keys.append("acceptance")
+    samples: dict[str, list[float]] = {k: [] for k in keys}
     first_tokens: list[int] = []
     wall = time.perf_counter()
     for i in range(warmup + runs):
@@ -259,15 +262,16 @@ def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
                 samples[k].append(getattr(s, k))
     wall = time.perf_counter() - wall
     m = engine.manifest
-    size = sum(f["size"] for name, f in m.files.items() if name != m.tokenizer_file)
+    name, size = row_name_and_size(engine)
+    bundle_mb = sum(f["size"] for e in (engine, engine.draft) if e is not None for f in e.manifest.files.values()) / 1e6
     info = device_info()
     result = {
-        "name": f"edgelm {m.format} {m.scheme}", "kind": "bundle", "bundle": str(engine.root), "format": m.format,
+        "name": name, "kind": "bundle", "bundle": str(engine.root), "format": m.format,
         "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),
         "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "load_s": load_s, "bench_wall_s": wall,
         **{k: summarize(v) for k, v in samples.items()}, "samples": samples,
         "peak_rss_mb": peak_rss_mb(), "size_mb": size / 1e6,
-        "bundle_mb": sum(f["size"] for f in m.files.values()) / 1e6,
+        "bundle_mb": bundle_mb,
         "greedy_tokens": first_tokens, "temperature_before_c": before, "device": info,
         "emulated": info["emulated"],
     }

@@ -31,13 +31,18 @@ def bench_on_device(bundle: str | Path, url: str, *, workdir: str | None = None,
                     new_tokens: int = 64, runs: int = 5, warmup: int = 1, threads: int | None = None,
                     chat: bool = True, connect_timeout: float = 10, timeout: float | None = 3600,
                     pip_args: Sequence[str] = (), progress: Progress | None = None,
-                    transport: Transport | None = None) -> dict[str, Any]:
-    """Deploy ``bundle`` to ``url`` (unchanged files are skipped) and benchmark it there."""
+                    transport: Transport | None = None, draft: str | Path | None = None,
+                    draft_tokens: int = 5) -> dict[str, Any]:
+    """Deploy ``bundle`` to ``url`` (unchanged files are skipped) and benchmark it there
+    (speculatively, with ``draft`` deployed beside it, when given)."""
     t = transport or open_transport(url, ssh_config=ssh_config, connect_timeout=connect_timeout)
     d = deploy(bundle, url, workdir, install, python=python, pip_args=pip_args, progress=progress, transport=t)
     layout = Layout(d.workdir)
     args = {"bundle": d.bundle, "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "threads": threads,
             "chat": chat}
+    if draft is not None:
+        dd = deploy(draft, url, d.workdir, install=False, python=python, progress=progress, transport=t)
+        args.update(draft=dd.bundle, draft_tokens=draft_tokens)
     if prompt:
         args["prompt"] = prompt
     if progress:

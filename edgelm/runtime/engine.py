@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from edgelm.bundle import Manifest, load_manifest
-from edgelm.errors import ContextOverflowError
+from edgelm.errors import BundleError, ContextOverflowError
 from edgelm.runtime.backends import Backend, open_backend
 from edgelm.sampling import Sampler, SamplingConfig
 from edgelm.tokenizer import Message, Tokenizer
 
 OVERFLOW_POLICIES = ("error", "truncate")
+DEFAULT_DRAFT_TOKENS = 5
 
 
 @dataclass
@@ -33,6 +34,13 @@ class GenerationStats:
     total_s: float = 0.0
     stop_reason: str = ""
     truncated_prompt_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of the draft model's tokens the target kept (speculative decoding only)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prefill_tps(self) -> float:
@@ -50,7 +58,8 @@ class GenerationStats:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(prefill_tps=self.prefill_tps, decode_tps=self.decode_tps, overhead_share=self.overhead_share)
+        d.update(prefill_tps=self.prefill_tps, decode_tps=self.decode_tps, overhead_share=self.overhead_share,
+                 acceptance=self.acceptance)
         return d
 
 
@@ -67,14 +76,55 @@ class Engine:
         self.max_context = manifest.max_context
         self.eos_ids = frozenset(manifest.special_tokens.get("eos_token_ids") or manifest.model.eos_token_ids)
         self.last_stats = GenerationStats()
+        self.draft: Engine | None = None
+        self.draft_tokens = 0
 
     @classmethod
-    def load(cls, bundle: str | Path, threads: int | None = None, verify: bool = True) -> Engine:
-        """Open ``bundle`` (folder or .zip), check its checksums and start its backend."""
+    def load(cls, bundle: str | Path, threads: int | None = None, verify: bool = True,
+             draft: str | Path | Engine | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Engine:
+        """Open ``bundle`` (folder or .zip), check its checksums and start its backend.
+
+        ``draft``: a smaller bundle of the same model family (same tokenizer) that proposes
+        tokens for speculative decoding; see :meth:`attach_draft`.
+        """
         root, manifest = load_manifest(bundle, verify=verify)
         tokenizer = Tokenizer(root / manifest.tokenizer_file, manifest.special_tokens, manifest.chat_template)
         backend = open_backend(root, manifest, threads)
-        return cls(root, manifest, backend, tokenizer)
+        engine = cls(root, manifest, backend, tokenizer)
+        if draft is not None:
+            if not isinstance(draft, Engine):
+                draft = cls.load(draft, threads=threads, verify=verify)
+            engine.attach_draft(draft, draft_tokens)
+        return engine
+
+    def attach_draft(self, draft: Engine | None, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+        """Decode speculatively with ``draft`` proposing up to ``draft_tokens`` tokens per step
+        (``None`` detaches it).
+
+        This bundle checks each proposal in one pass (its backend's ``verify``), so its weights are
+        read once for several tokens: on a memory-bound device that is where the speed comes from.
+        Greedy output is this bundle's own; sampled output keeps its distribution. Both bundles
+        must share the tokenizer; this one must be a .pte converted by this edgelm version (its
+        ``decode`` method takes up to 16 tokens). The draft can be any format.
+        """
+        if draft is None:
+            self.draft, self.draft_tokens = None, 0
+            return
+        if draft_tokens < 1:
+            raise ValueError("draft_tokens must be at least 1")
+        if getattr(self.backend, "max_verify", 0) < 2:
+            raise BundleError(
+                f"{self.root}: this {self.manifest.format} bundle cannot check draft tokens (no verify method); "
+                "speculative decoding needs a target .pte bundle converted by this edgelm version")
+        tok_self = self.manifest.files.get(self.manifest.tokenizer_file, {}).get("sha256")
+        tok_draft = draft.manifest.files.get(draft.manifest.tokenizer_file, {}).get("sha256")
+        if tok_self != tok_draft or self.manifest.model.vocab_size != draft.manifest.model.vocab_size:
+            raise BundleError(f"the draft {draft.root} has another tokenizer than {self.root}; a draft must be the "
+                              "same model family (e.g. a w4a8 bundle of the same source)")
+        if draft.max_context < self.max_context:
+            raise BundleError(f"the draft's context window ({draft.max_context}) is shorter than this bundle's "
+                              f"({self.max_context}); convert the draft with --max-context {self.max_context}")
+        self.draft, self.draft_tokens = draft, draft_tokens
 
     # -- prompts -----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = False,
@@ -126,6 +176,8 @@ class Engine:
                      ignore_eos: bool = False) -> Iterator[int]:
         """Yield generated token ids (EOS excluded). Stats land in :attr:`last_stats`.
 
+        With a draft attached (:meth:`attach_draft`) the tokens come from speculative decoding:
+        the same tokens under greedy decoding, the same distribution when sampling.
         ``ignore_eos`` keeps going past EOS (benchmarks use it to time a fixed token count).
         """
         stats = GenerationStats()
@@ -136,38 +188,113 @@ class Engine:
         sampler = Sampler(sampling)
         history = list(ids)
         logits = self._prefill(ids)
-        t1 = time.perf_counter()
-        stats.prefill_s = t1 - t0
-        pos = len(ids)
-        decode = self.backend.decode
+        if self.draft is not None:
+            self.draft._prefill(ids)
+        stats.prefill_s = time.perf_counter() - t0
+        if self.draft is not None:
+            source = self._speculative_tokens(logits, len(ids), sampler, history, stats)
+        else:
+            source = self._plain_tokens(logits, len(ids), sampler, history, stats)
         stats.stop_reason = "max_tokens"
         t_first = 0.0
         try:
-            for i in range(max_new_tokens):
-                tok = sampler(logits, history)
+            for i, tok in enumerate(source):
                 now = time.perf_counter()
                 if i == 0:
                     stats.ttft_s, t_first = now - t0, now
                 else:
-                    stats.decode_s = now - t_first
+                    stats.decode_s, stats.decode_steps = now - t_first, i
                 if tok in self.eos_ids and not ignore_eos:
                     stats.stop_reason = "eos"
                     break
-                history.append(tok)
                 stats.generated_tokens = i + 1
                 yield tok
                 if i + 1 == max_new_tokens:
                     break
-                if pos >= self.max_context:
+                if len(ids) + i >= self.max_context:  # this token's own position is past the window
                     stats.stop_reason = "context_full"
                     break
-                b0 = time.perf_counter()
-                logits = decode(tok, pos)
-                stats.decode_backend_s += time.perf_counter() - b0
-                stats.decode_steps += 1
-                pos += 1
         finally:
+            source.close()
             stats.total_s = time.perf_counter() - t0
+
+    def _plain_tokens(self, logits: np.ndarray, pos: int, sampler: Sampler, history: list[int],
+                      stats: GenerationStats) -> Iterator[int]:
+        """One token per decode step; the step runs only when the consumer asks for the next token."""
+        decode = self.backend.decode
+        while True:
+            tok = sampler(logits, history)
+            history.append(tok)
+            yield tok
+            b0 = time.perf_counter()
+            logits = decode(tok, pos)
+            stats.decode_backend_s += time.perf_counter() - b0
+            pos += 1
+
+    def _speculative_tokens(self, logits: np.ndarray, pos: int, sampler: Sampler, history: list[int],
+                            stats: GenerationStats) -> Iterator[int]:
+        """Speculative decoding: the draft proposes up to ``draft_tokens`` tokens one by one, the
+        target checks them all in one ``verify`` pass and keeps the longest agreeing run plus one
+        token of its own. Rejected rows stay in both KV caches past the live position; attention
+        never reaches them and the next pass overwrites them.
+        """
+        assert self.draft is not None
+        target, draft = self.backend, self.draft.backend
+        k_max = min(self.draft_tokens, target.max_verify - 1)
+        tok = sampler(logits, history)
+        history.append(tok)
+        yield tok
+        behind = None  # a token the draft has not run yet, at pos - 1 (after a fully accepted run)
+        while True:
+            k = min(k_max, self.max_context - 1 - pos)  # verify writes positions pos .. pos + k
+            b0 = time.perf_counter()
+            if k < 1:  # no room left to speculate: one plain step
+                logits = target.decode(tok, pos)
+                stats.decode_backend_s += time.perf_counter() - b0
+                tok = sampler(logits, history)
+                history.append(tok)
+                pos += 1
+                yield tok
+                continue
+            if behind is not None:
+                draft.decode(behind, pos - 1)
+            drafts: list[int] = []
+            qs: list[np.ndarray] = []
+            cur = tok
+            for j in range(k):
+                dl = draft.decode(cur, pos + j)
+                if sampler.greedy:
+                    cur = sampler(dl, history + drafts)
+                else:
+                    qs.append(sampler.probs(dl, history + drafts))
+                    cur = sampler.draw(qs[-1])
+                drafts.append(cur)
+                if cur in self.eos_ids:
+                    break
+            rows = target.verify(np.asarray([tok, *drafts], dtype=np.int64), pos)
+            stats.decode_backend_s += time.perf_counter() - b0
+            accepted: list[int] = []
+            final = None
+            for j, x in enumerate(drafts):
+                if sampler.greedy:
+                    choice = sampler(rows[j], history + accepted)
+                    ok = choice == x
+                else:
+                    ok, choice = sampler.accept_draft(sampler.probs(rows[j], history + accepted), qs[j], x)
+                if not ok:
+                    final = choice
+                    break
+                accepted.append(x)
+            if final is None:  # every draft token accepted: the target's next token comes free
+                final = sampler(rows[len(drafts)], history + accepted)
+            stats.draft_tokens += len(drafts)
+            stats.accepted_tokens += len(accepted)
+            behind = drafts[-1] if len(accepted) == len(drafts) else None
+            pos += len(accepted) + 1
+            tok = final
+            for x in (*accepted, final):
+                history.append(x)
+                yield x
 
     def generate(self, prompt: str | Sequence[Message], *, chat: bool = False, system: str | None = None,
                  max_new_tokens: int = 256, sampling: SamplingConfig | None = None,

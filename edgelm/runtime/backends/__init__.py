@@ -23,7 +23,11 @@ from edgelm.errors import FormatError
 
 
 class Backend(Protocol):
-    """What the engine needs from a format runtime. Logits are float32 ``[vocab]``."""
+    """What the engine needs from a format runtime. Logits are float32 ``[vocab]``.
+
+    A backend that can be a speculative-decoding target also has ``max_verify`` (>= 2) and
+    ``verify(tokens, start_pos) -> float32 [len(tokens), vocab]``: every position's logits.
+    """
 
     max_prefill: int
     min_prefill: int

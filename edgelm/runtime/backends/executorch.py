@@ -7,6 +7,7 @@ only one token id, one position and the logits across the Python boundary.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,24 @@ from edgelm.errors import BackendUnavailableError, BundleError
 from edgelm.runtime.backends import default_threads, quiet_native_stderr, register_backend
 
 log = logging.getLogger(__name__)
+
+
+# Live backends: ExecuTorch's thread pool is one per process, and XNNPACK runtimes keep using
+# the pool they were created with, so resizing it under a loaded program crashes that program.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _use_threadpool(portable_lib, threads: int) -> int:
+    """Size the process-wide thread pool to ``threads`` if no loaded program uses it; return the size used."""
+    current = portable_lib._threadpool_get_thread_count()
+    if current == threads:
+        return threads
+    if len(_LIVE):
+        log.warning("ExecuTorch's thread pool is shared by the whole process and a loaded program uses it: "
+                    "keeping %d threads instead of %d", current, threads)
+        return current
+    portable_lib._unsafe_reset_threadpool(threads)
+    return threads
 
 
 @register_backend("pte")
@@ -45,7 +64,7 @@ class ExecuTorchBackend:
         data = root / io["data_file"] if io.get("data_file") else None
         try:
             with quiet_native_stderr(quiet):
-                portable_lib._unsafe_reset_threadpool(self.threads)
+                self.threads = _use_threadpool(portable_lib, self.threads)
                 kwargs = {"data_path": str(data)} if data else {}
                 program = Runtime.get().load_program(str(model), **kwargs)
                 self._prefill = program.load_method("prefill")
@@ -53,6 +72,10 @@ class ExecuTorchBackend:
         except (RuntimeError, ValueError, KeyError) as e:
             raise BundleError(f"{model}: ExecuTorch cannot load this program ({e}); is it really a .pte "
                               "written by edgelm? convert the model again") from e
+        _LIVE.add(self)
+        # decode takes 1 to max_verify tokens and returns every position's logits; in bundles written
+        # before speculative decoding it takes exactly one token
+        self.max_verify = int(io.get("max_verify", 0))
         # Reused input tensors: a decode step only writes two integers into them.
         self._tok = torch.zeros((1, 1), dtype=torch.long)
         self._pos = torch.zeros((1,), dtype=torch.long)
@@ -61,6 +84,16 @@ class ExecuTorchBackend:
         t = self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1))
         self._pos[0] = start_pos
         return self._prefill.execute([t, self._pos])[0].numpy().reshape(-1)
+
+    def verify(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        """Run ``tokens`` (2 to ``max_verify``) from ``start_pos``; return every position's logits
+        ``[len(tokens), vocab]``. Same method as :meth:`decode`, so no second copy of the packed weights."""
+        if not self.max_verify:
+            raise BundleError("this .pte's decode method takes one token at a time (it predates speculative "
+                              "decoding); convert the model again to use it as a speculative target")
+        t = self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1))
+        self._pos[0] = start_pos
+        return self._decode.execute([t, self._pos])[0].numpy().reshape(t.shape[1], -1)
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._tok[0, 0] = token

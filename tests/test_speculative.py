@@ -1,0 +1,156 @@
+"""Speculative decoding: a draft bundle proposes, the target .pte checks in one verify pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgelm.errors import BundleError
+from edgelm.runtime import Engine, SamplingConfig
+from edgelm.sampling import Sampler
+
+from .conftest import TINY, convert_bundle
+from .test_cli import assert_clean_error, edgelm
+
+PROMPTS = ["the cat", "a b c d e f", "hello world this is", "z" * 40]  # the last one is prefilled in chunks
+
+
+def _smaller_tiny(root, fmt: str):
+    """A different model with the same tokenizer: the tiny one with a block dropped.
+
+    It disagrees with the target often, so both the accepting and the rejecting paths run.
+    """
+    from edgelm.converters.compress.options import CompressOptions
+
+    return convert_bundle(root / f"tiny-draft-{fmt}", TINY, fmt=fmt, max_prefill=16,
+                          compress=CompressOptions(drop_layers=1), min_top1=0.0, max_logit_error=1e9)
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    """An ONNX draft (any format can propose tokens)."""
+    return _smaller_tiny(tmp_path_factory.mktemp("draft"), "onnx")
+
+
+@pytest.fixture(scope="module")
+def pte_draft(tmp_path_factory):
+    """A .pte draft: the target's and the draft's ExecuTorch programs share one process."""
+    return _smaller_tiny(tmp_path_factory.mktemp("draft"), "pte")
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_pte):
+    return Engine.load(tiny_pte, threads=1)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 4, 15])
+def test_greedy_output_is_the_targets_own(plain, tiny_pte, draft, draft_tokens):
+    spec = Engine.load(tiny_pte, threads=1, draft=draft, draft_tokens=draft_tokens)
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        ids = plain.encode_prompt(prompt)
+        want = list(plain.generate_ids(ids, max_new_tokens=40, ignore_eos=True))
+        got = list(spec.generate_ids(ids, max_new_tokens=40, ignore_eos=True))
+        assert got == want, prompt
+        s = spec.last_stats
+        assert s.generated_tokens == 40 and s.decode_steps == 39 and s.decode_tps > 0
+        drafted, accepted = drafted + s.draft_tokens, accepted + s.accepted_tokens
+    assert 0 < accepted < drafted  # drafts were both kept and thrown away
+
+
+def test_a_pte_draft_gives_the_same_tokens(plain, tiny_pte, pte_draft):
+    spec = Engine.load(tiny_pte, threads=1, draft=pte_draft, draft_tokens=3)
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        ids = plain.encode_prompt(prompt)
+        want = list(plain.generate_ids(ids, max_new_tokens=40, ignore_eos=True))
+        assert list(spec.generate_ids(ids, max_new_tokens=40, ignore_eos=True)) == want, prompt
+        drafted, accepted = drafted + spec.last_stats.draft_tokens, accepted + spec.last_stats.accepted_tokens
+    assert 0 < accepted < drafted
+
+
+def test_a_draft_identical_to_the_target_is_always_accepted(plain, tiny_pte):
+    """verify's logits agree with decode's, so the target's own model as draft loses nothing."""
+    spec = Engine.load(tiny_pte, threads=1, draft=tiny_pte, draft_tokens=4)
+    ids = plain.encode_prompt("identical")
+    want = list(plain.generate_ids(ids, max_new_tokens=30, ignore_eos=True))
+    assert list(spec.generate_ids(ids, max_new_tokens=30, ignore_eos=True)) == want
+    s = spec.last_stats
+    assert s.draft_tokens > 0 and s.acceptance == 1.0
+
+
+def test_token_budget_eos_and_context_end(plain, tiny_pte, draft):
+    spec = Engine.load(tiny_pte, threads=1, draft=draft, draft_tokens=6)
+    ids = plain.encode_prompt("budget")
+    for n in (1, 2, 7):
+        assert len(list(spec.generate_ids(ids, max_new_tokens=n, ignore_eos=True))) == n
+    # stops at EOS exactly where plain decoding does (generate() without ignore_eos)
+    for prompt in PROMPTS:
+        assert spec.complete(prompt, max_new_tokens=60) == plain.complete(prompt, max_new_tokens=60)
+        assert spec.last_stats.stop_reason == plain.last_stats.stop_reason
+    # near the end of the window the draft runs shrink, then plain steps finish the job
+    ctx = plain.max_context
+    long = [65 + i % 26 for i in range(ctx - 12)]
+    want = list(plain.generate_ids(long, max_new_tokens=40, ignore_eos=True))
+    got = list(spec.generate_ids(long, max_new_tokens=40, ignore_eos=True))
+    assert got == want and spec.last_stats.stop_reason == plain.last_stats.stop_reason == "context_full"
+
+
+def test_sampling_with_a_draft_is_seeded(tiny_pte, draft):
+    spec = Engine.load(tiny_pte, threads=1, draft=draft, draft_tokens=4)
+    cfg = SamplingConfig(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=7)
+    a = spec.complete("seeded", max_new_tokens=24, sampling=cfg)
+    b = spec.complete("seeded", max_new_tokens=24, sampling=cfg)
+    assert a == b and spec.last_stats.draft_tokens > 0
+
+
+def test_accept_draft_keeps_the_target_distribution():
+    """Draw from q, test against p: what comes out must be distributed as p, not q."""
+    rng = np.random.default_rng(0)
+    p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+    sampler = Sampler(SamplingConfig(temperature=1.0, seed=1))
+    n = 40_000
+    counts = np.zeros(6)
+    for _ in range(n):
+        x = sampler.draw(q)
+        counts[sampler.accept_draft(p, q, x)[1]] += 1
+    assert 0.5 * np.abs(counts / n - p).sum() < 0.015
+    assert 0.5 * np.abs(p - q).sum() > 0.1  # the test would notice the draft's distribution leaking through
+
+
+def test_bad_pairs_are_refused(tiny_pte, draft):
+    with pytest.raises(BundleError, match="no verify method"):
+        Engine.load(draft, threads=1, draft=tiny_pte)  # an ONNX target cannot check drafts
+    target, other = Engine.load(tiny_pte, threads=1), Engine.load(draft, threads=1)
+    other.manifest.files[other.manifest.tokenizer_file]["sha256"] = "0" * 64
+    with pytest.raises(BundleError, match="another tokenizer"):
+        target.attach_draft(other)
+    with pytest.raises(ValueError, match="at least 1"):
+        target.attach_draft(Engine.load(tiny_pte, threads=1), draft_tokens=0)
+
+
+def test_cli_run_and_bench_with_a_draft(tiny_pte, draft, tmp_path):
+    proc = edgelm("run", tiny_pte, "hello", "-n", "12", "--draft", draft, "--draft-tokens", "3", "--stats",
+                  check=True)
+    plain = edgelm("run", tiny_pte, "hello", "-n", "12", check=True)
+    assert proc.stdout == plain.stdout and "draft tokens accepted" in proc.stderr
+    out = edgelm("bench", tiny_pte, "--draft", draft, "--runs", "1", "--warmup", "0", "-n", "6", "--threads", "1",
+                 "--json", "-", check=True)
+    rows = json.loads(out.stdout)["rows"]
+    assert rows[0]["name"] == "edgelm pte fp32" and "acceptance" not in rows[0]
+    assert rows[1]["name"].startswith("edgelm pte fp32 + draft onnx fp32 (compressed to ")
+    assert rows[1]["name"].endswith(" (speculative, 5 tokens)")
+    assert rows[1]["size_mb"] > rows[0]["size_mb"] and 0 <= rows[1]["acceptance"]["median"] <= 1
+    assert_clean_error(edgelm("run", tiny_pte, "hello", "--draft", tmp_path / "nothing-here"), "nothing-here")
+
+
+
+def test_a_second_program_keeps_the_shared_thread_pool(plain, pte_draft):
+    """ExecuTorch has one thread pool per process; resizing it under a loaded program crashed that program."""
+    other = Engine.load(pte_draft, threads=plain.backend.threads + 1)
+    assert other.backend.threads == plain.backend.threads
+    ids = plain.encode_prompt("still alive")
+    assert len(list(plain.generate_ids(ids, max_new_tokens=5, ignore_eos=True))) == 5
+    assert len(list(other.generate_ids(ids, max_new_tokens=5, ignore_eos=True))) == 5
