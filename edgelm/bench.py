@@ -78,23 +78,18 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
     engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens)
     load_s = time.perf_counter() - t
     ids = engine.encode_prompt(prompt, chat=chat and bool(engine.manifest.chat_template))
-    samples: dict[str, list[float]] = {"ttft_s": [], "prefill_tps": [], "decode_tps": [], "overhead_share": [],
-                                       "acceptance": []}
+    keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share"] + (["acceptance"] if engine.draft else [])
+    samples: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(warmup + runs):
         for _ in engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True):
             pass
         if i >= warmup:
             s = engine.last_stats
-            samples["ttft_s"].append(s.ttft_s)
-            samples["prefill_tps"].append(s.prefill_tps)
-            samples["decode_tps"].append(s.decode_tps)
-            samples["overhead_share"].append(s.overhead_share)
-            samples["acceptance"].append(s.acceptance)
+            for k in samples:
+                samples[k].append(getattr(s, k))
     m = engine.manifest
     name, size = row_name_and_size(engine)
     extra = {"draft": str(draft), "draft_tokens": draft_tokens} if engine.draft is not None else {}
-    if engine.draft is None:
-        del samples["acceptance"]
     return {
         "name": name, "kind": "bundle", "bundle": str(bundle), **extra, "format": m.format,
         "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),

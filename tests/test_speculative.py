@@ -154,3 +154,13 @@ def test_a_second_program_keeps_the_shared_thread_pool(plain, pte_draft):
     ids = plain.encode_prompt("still alive")
     assert len(list(plain.generate_ids(ids, max_new_tokens=5, ignore_eos=True))) == 5
     assert len(list(other.generate_ids(ids, max_new_tokens=5, ignore_eos=True))) == 5
+
+
+def test_pte_prefill_and_decode_delegate_alike(tiny_pte):
+    """No reshape by the symbolic sequence length: prefill is one XNNPACK partition per layer span, like
+    decode (it was 7 per layer), and decode takes up to 16 tokens."""
+    m = json.loads((tiny_pte / "edgelm.json").read_text())
+    d = m["verification"]["lowering"]["delegation"]
+    assert d["prefill"]["delegates"] <= d["decode"]["delegates"] + 1
+    assert d["prefill"]["not_delegated"] <= d["decode"]["not_delegated"] + 8
+    assert m["io"]["max_verify"] == 16 and m["io"]["methods"] == ["prefill", "decode"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -264,9 +265,9 @@ class Engine:
             for j in range(k):
                 dl = draft.decode(cur, pos + j)
                 if sampler.greedy:
-                    cur = sampler(dl, history + drafts)
+                    cur = sampler(dl, chain(history, drafts))
                 else:
-                    qs.append(sampler.probs(dl, history + drafts))
+                    qs.append(sampler.probs(dl, chain(history, drafts)))
                     cur = sampler.draw(qs[-1])
                 drafts.append(cur)
                 if cur in self.eos_ids:
@@ -277,16 +278,16 @@ class Engine:
             final = None
             for j, x in enumerate(drafts):
                 if sampler.greedy:
-                    choice = sampler(rows[j], history + accepted)
+                    choice = sampler(rows[j], chain(history, accepted))
                     ok = choice == x
                 else:
-                    ok, choice = sampler.accept_draft(sampler.probs(rows[j], history + accepted), qs[j], x)
+                    ok, choice = sampler.accept_draft(sampler.probs(rows[j], chain(history, accepted)), qs[j], x)
                 if not ok:
                     final = choice
                     break
                 accepted.append(x)
             if final is None:  # every draft token accepted: the target's next token comes free
-                final = sampler(rows[len(drafts)], history + accepted)
+                final = sampler(rows[len(drafts)], chain(history, accepted))
             stats.draft_tokens += len(drafts)
             stats.accepted_tokens += len(accepted)
             behind = drafts[-1] if len(accepted) == len(drafts) else None

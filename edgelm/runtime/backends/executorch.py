@@ -80,10 +80,13 @@ class ExecuTorchBackend:
         self._tok = torch.zeros((1, 1), dtype=torch.long)
         self._pos = torch.zeros((1,), dtype=torch.long)
 
-    def prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+    def _run(self, method, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         t = self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1))
         self._pos[0] = start_pos
-        return self._prefill.execute([t, self._pos])[0].numpy().reshape(-1)
+        return method.execute([t, self._pos])[0].numpy()
+
+    def prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        return self._run(self._prefill, tokens, start_pos).reshape(-1)
 
     def verify(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         """Run ``tokens`` (2 to ``max_verify``) from ``start_pos``; return every position's logits
@@ -91,9 +94,7 @@ class ExecuTorchBackend:
         if not self.max_verify:
             raise BundleError("this .pte's decode method takes one token at a time (it predates speculative "
                               "decoding); convert the model again to use it as a speculative target")
-        t = self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1))
-        self._pos[0] = start_pos
-        return self._decode.execute([t, self._pos])[0].numpy().reshape(t.shape[1], -1)
+        return self._run(self._decode, tokens, start_pos).reshape(len(tokens), -1)
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._tok[0, 0] = token
