@@ -100,9 +100,20 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
 
 
 def run_row(row: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
-    """Run one benchmark row in a fresh Python process and return its result."""
+    """Run one benchmark row in a fresh Python process and return its result.
+
+    A row with ``"small_pages": True`` runs without the huge pages this process may have
+    (:mod:`edgelm.runtime.hugepages`): the baseline that shows what they are worth.
+    """
+    env = None
+    if row.get("small_pages"):
+        from edgelm.runtime.hugepages import TUNABLE
+
+        env = {**os.environ, "EDGELM_HUGE_PAGES": "0"}
+        kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE)]
+        env["GLIBC_TUNABLES"] = ":".join(kept)
     proc = subprocess.run([sys.executable, "-m", "edgelm.bench", json.dumps(row)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         err = proc.stderr.strip().splitlines()
@@ -122,6 +133,9 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from edgelm.runtime.hugepages import describe
+
+    info["huge_pages"] = describe()
     gov = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     if gov.is_file():
         info["governor"] = gov.read_text().strip()
@@ -158,6 +172,7 @@ def format_table(rows: list[dict[str, Any]], baseline: str | None = None) -> str
 def _main(argv: list[str]) -> int:
     row = json.loads(argv[0])
     kind = row.pop("kind")
+    small_pages = row.pop("small_pages", False)
     top1_ref = row.pop("top1_ref", None)  # edgelm.compare: held-out top-1 agreement, after the timings
     if kind == "bundle":
         result = bench_bundle(**row)
@@ -171,6 +186,11 @@ def _main(argv: list[str]) -> int:
         result = ROW_KINDS[kind](**row)
     else:
         raise SystemExit(f"unknown row kind {kind!r}")
+    from edgelm.runtime.hugepages import describe
+
+    result["huge_pages"] = describe()
+    if small_pages:
+        result["name"] += ", small pages"
     if top1_ref:
         from edgelm.compare import top1_agreement
 

@@ -59,6 +59,14 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+def entry() -> None:
+    """The ``edgelm`` command: first huge pages for the weights (:mod:`edgelm.runtime.hugepages`), then the CLI."""
+    from edgelm.runtime.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    main()
+
+
 def _draft_options(f):
     """``--draft`` / ``--draft-tokens``: speculative decoding with a smaller bundle."""
     f = click.option("--draft-tokens", type=click.IntRange(1, 15), default=5, show_default=True,
@@ -358,12 +366,14 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 @click.option("--prompt", default=None, help="Prompt (chat-formatted when the model has a template).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the results as JSON to this file ('-': print the JSON instead of the table).")
+@click.option("--small-pages", is_flag=True,
+              help="Also time every bundle without huge pages for the weights (see README: Huge pages).")
 @_draft_options
 @device_options(required=False)
 def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, warmup: int,
-          new_tokens: int, prompt: str | None, json_out: Path | None, draft: Path | None, draft_tokens: int,
-          device: str | None, workdir: str | None, ssh_config: Path | None, install: bool, device_python: str | None,
-          connect_timeout: int, pip_args: tuple[str, ...]) -> None:
+          new_tokens: int, prompt: str | None, json_out: Path | None, small_pages: bool, draft: Path | None,
+          draft_tokens: int, device: str | None, workdir: str | None, ssh_config: Path | None, install: bool,
+          device_python: str | None, connect_timeout: int, pip_args: tuple[str, ...]) -> None:
     """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
 
     Each row runs in its own process with the same thread count and prompt; figures are medians
@@ -377,8 +387,8 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     if device is not None:
         if not bundles:
             raise click.UsageError("give at least one bundle to run on the device")
-        if eager:
-            raise click.UsageError("--eager runs on this machine only; leave it out with --device")
+        if eager or small_pages:
+            raise click.UsageError("--eager and --small-pages run on this machine only; leave them out with --device")
         if to_stdout:
             import contextlib
             import io
@@ -407,10 +417,12 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
               "threads": threads}
     rows = [{"kind": "eager", "source": source, **common}] if eager else []
     for b in bundles:
-        rows.append({"kind": "bundle", "bundle": str(b), **common})
-        if draft is not None:
-            rows.append({"kind": "bundle", "bundle": str(b), "draft": str(draft), "draft_tokens": draft_tokens,
-                         **common})
+        variants = [{}, {"small_pages": True}] if small_pages else [{}]
+        for v in variants:
+            rows.append({"kind": "bundle", "bundle": str(b), **common, **v})
+            if draft is not None:
+                rows.append({"kind": "bundle", "bundle": str(b), "draft": str(draft), "draft_tokens": draft_tokens,
+                             **common, **v})
     results = []
     for row in rows:
         click.echo(f"running {row['kind']} {row.get('bundle', row.get('source') or '')}...", err=True)
@@ -420,7 +432,8 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     if to_stdout:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"machine: {info.get('cpu', '?')}, {info['cores']} cores, {threads} threads per row; "
+    click.echo(f"machine: {info.get('cpu', '?')}, {info['cores']} cores, {threads} threads per row, "
+               f"huge pages {info.get('huge_pages', '?')}; "
                f"{new_tokens} new tokens, median of {runs} runs after {warmup} warm-up")
     click.echo(format_table(results, baseline="pytorch eager fp32" if eager else None))
     if json_out:
@@ -510,4 +523,4 @@ def targets_show(name: str, as_json: bool) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

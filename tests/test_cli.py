@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from edgelm.runtime.hugepages import huge_pages_env
+
 
 def edgelm(*args, check=False):
     proc = subprocess.run([sys.executable, "-m", "edgelm.cli", *map(str, args)], capture_output=True, text=True,
@@ -117,8 +119,20 @@ def test_bench_prints_json_and_rejects_bad_combinations(tiny_pte):
     [row] = report["rows"]
     assert row["format"] == "pte" and row["new_tokens"] == 4 and row["decode_tps"]["median"] > 0
     assert report["machine"]["cores"] >= 1
+    if huge_pages_env({}) is not None:  # the command re-executed itself with the glibc tunable: so did its rows
+        assert report["machine"]["huge_pages"].startswith("on"), report["machine"]
     assert_clean_error(edgelm("bench"), "give at least one bundle")
-    assert_clean_error(edgelm("bench", tiny_pte, "--eager", "--device", "local"), "--eager runs on this machine")
+    assert_clean_error(edgelm("bench", tiny_pte, "--eager", "--device", "local"), "run on this machine only")
+
+
+def test_bench_small_pages_rows(tiny_pte):
+    proc = edgelm("bench", tiny_pte, "--small-pages", "--runs", "1", "--warmup", "0", "-n", "4", "--json", "-",
+                  check=True)
+    huge, small = json.loads(proc.stdout)["rows"]
+    assert small["name"] == huge["name"] + ", small pages"
+    assert small["huge_pages"].startswith(("off", "unknown")), small
+    if huge_pages_env({}) is not None:
+        assert huge["huge_pages"].startswith("on"), huge
 
 
 def test_int4_symmetric_flag_reaches_the_lowering(tmp_path):

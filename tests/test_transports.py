@@ -29,6 +29,7 @@ from edgelm.deploy.transports import (
     open_transport,
     parse_device_url,
 )
+from edgelm.runtime.hugepages import huge_pages_env
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 NASTY = "it's a \"test\" $(touch /tmp/pwned) `id`; rm -rf ~ && echo *|x > y\\z"
@@ -395,6 +396,8 @@ def test_bundle_path_with_spaces_deploys_and_runs(deployed, sshd, tiny_pte, tmp_
     assert result["emulated"] is False and result["runs"] == 2 and result["threads"] == 1
     assert result["decode_tps"]["median"] > 0 and result["decode_tps"]["p90"] >= result["decode_tps"]["p10"]
     assert result["device"]["machine"] and result["device"]["versions"]["executorch"]
+    if huge_pages_env({}) is not None:  # the device side re-executed itself with the glibc tunable
+        assert result["device"]["huge_pages"].startswith("on"), result["device"]
     host = Engine.load(spaced, threads=1)
     ids = host.encode_prompt(DEFAULT_PROMPT, chat=bool(host.manifest.chat_template))
     assert result["greedy_tokens"] == list(host.generate_ids(ids, max_new_tokens=6, ignore_eos=True))

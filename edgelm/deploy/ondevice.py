@@ -166,6 +166,7 @@ def _meminfo() -> dict[str, int]:
 def device_info() -> dict[str, Any]:
     """What makes a device run reproducible, read on the device."""
     import edgelm
+    from edgelm.runtime import hugepages
 
     u = os.uname()
     try:
@@ -179,7 +180,7 @@ def device_info() -> dict[str, Any]:
         "cores": os.cpu_count(), "cores_usable": affinity, **_cpu(), **_freq_and_governor(), **_meminfo(),
         "temperature_c": temperatures(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": _versions(), "edgelm_path": os.path.dirname(edgelm.__file__),
-        "emulated": emulated,
+        "emulated": emulated, "huge_pages": hugepages.describe(),
     }
     if emulated:
         info["emulation"] = why
@@ -300,4 +301,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from edgelm.runtime.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main(sys.argv[1:]))

@@ -94,6 +94,8 @@ def describe_device(info: dict[str, Any], threads: Any = None) -> str:
         parts.insert(0, info["board"])
     if info.get("governor"):
         parts.append(f"governor {info['governor']}")
+    if info.get("huge_pages"):
+        parts.append(f"huge pages {info['huge_pages']}")
     temps = info.get("temperature_c") or {}
     if temps:
         parts.append("temp " + ", ".join(f"{k} {v:.0f}C" for k, v in list(temps.items())[:2]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -14,8 +16,11 @@ import numpy as np
 from edgelm.bundle import Manifest, load_manifest
 from edgelm.errors import BundleError, ContextOverflowError
 from edgelm.runtime.backends import Backend, open_backend
+from edgelm.runtime.hugepages import TUNABLE, huge_pages_env
 from edgelm.sampling import Sampler, SamplingConfig
 from edgelm.tokenizer import Message, Tokenizer
+
+log = logging.getLogger(__name__)
 
 OVERFLOW_POLICIES = ("error", "truncate")
 DEFAULT_DRAFT_TOKENS = 5
@@ -89,6 +94,9 @@ class Engine:
         tokens for speculative decoding; see :meth:`attach_draft`.
         """
         root, manifest = load_manifest(bundle, verify=verify)
+        if huge_pages_env(os.environ) is not None:
+            log.info("this process runs without huge pages for the weights: start it with GLIBC_TUNABLES=%s=1 "
+                     "for 5-14%% faster decoding (the edgelm command does that itself)", TUNABLE)
         tokenizer = Tokenizer(root / manifest.tokenizer_file, manifest.special_tokens, manifest.chat_template)
         backend = open_backend(root, manifest, threads)
         engine = cls(root, manifest, backend, tokenizer)
