@@ -47,6 +47,8 @@ class QuantSpec:
     # w4a8: symmetric int4 groups (GGUF Q4_0's form) instead of groups with a float minimum
     # (Q4_1's form). Faster in ExecuTorch (no block-sum matmuls); LiteRT is always symmetric.
     int4_symmetric: bool = False
+    # SmoothQuant migration strength (0: off); pte only, see smooth_activations
+    smooth: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -55,6 +57,10 @@ class QuantSpec:
             raise FormatError(f"embedding must be one of {EMBEDDING_CHOICES}, got {self.embedding!r}")
         if self.lm_head not in LM_HEAD_CHOICES:
             raise FormatError(f"lm_head must be one of {LM_HEAD_CHOICES}, got {self.lm_head!r}")
+        if not 0.0 <= self.smooth <= 1.0:
+            raise FormatError(f"smooth (SmoothQuant's alpha) must be between 0 and 1, got {self.smooth}")
+        if self.smooth and not self.quantized:
+            raise FormatError("smoothing only matters for quantized schemes (w8a8, w4a8); drop --smooth for fp32")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise FormatError(f"group size must be a power of two >= 16, got {self.group_size}")
 
@@ -70,6 +76,8 @@ class QuantSpec:
         if not self.quantized:
             d.pop("embedding")
             d.pop("lm_head")
+        if not self.smooth:
+            d.pop("smooth")
         return d
 
 
@@ -211,3 +219,67 @@ def quantize_torchao(model, spec: QuantSpec) -> dict[str, Any]:
         "embedding": spec.embedding,
         "lm_head": "fp32" if head_name not in quantized else ("int8" if spec.lm_head == "int8" else spec.scheme),
     }
+
+
+def smooth_activations(reference, model, windows: list[list[int]], alpha: float) -> dict[str, Any]:
+    """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before w8a8.
+
+    Dynamic int8 activations are quantized per token with one scale for the whole row, so a
+    few large channels (after RMSNorm, and SwiGLU's product before the down projection) leave
+    the other channels few levels. For each linear input channel j this divides the
+    activation by ``s_j = max|X_j| ** alpha / max|W_:,j| ** (1 - alpha)`` and multiplies the
+    weight column by it, with the division folded into the op that makes the activation:
+    the RMSNorm weight (before q/k/v and gate/up) or the up projection's rows (before down).
+    The float model computes the same function; only the quantization error moves.
+
+    ``reference`` (a functional Decoder) gives the activation ranges on ``windows``;
+    ``model`` (a copy with the same weights, any cache mode) is rescaled in place. The tied
+    LM head is left alone: its columns are the embedding's. torchao's own SmoothQuant wraps
+    the linears in its observer modules, which ExecuTorch's XNNPACK path does not lower;
+    folding the scales into existing weights keeps the exported graph unchanged.
+    """
+    import torch
+    from torch import nn
+
+    points = []  # (name, producer kind, producer, consumer linears) per smoothing point
+    for i, (rb, b) in enumerate(zip(reference.layers, model.layers)):
+        a, m = rb.attn, rb.mlp
+        if all(isinstance(x, nn.Linear) for x in (b.attn.wq, b.attn.wk, b.attn.wv)):
+            points.append((f"layers.{i}.attn_norm", a.wq, "norm", b.attn_norm, [b.attn.wq, b.attn.wk, b.attn.wv]))
+        if all(isinstance(x, nn.Linear) for x in (b.mlp.w_gate, b.mlp.w_up)):
+            points.append((f"layers.{i}.mlp_norm", m.w_gate, "norm", b.mlp_norm, [b.mlp.w_gate, b.mlp.w_up]))
+        if all(isinstance(x, nn.Linear) for x in (b.mlp.w_up, b.mlp.w_down)):
+            points.append((f"layers.{i}.mlp.w_up", m.w_down, "rows", b.mlp.w_up, [b.mlp.w_down]))
+    ranges: dict[str, torch.Tensor] = {}
+
+    def observe(name):
+        def hook(_mod, inp):
+            x = inp[0].detach().abs().reshape(-1, inp[0].shape[-1]).amax(0)
+            ranges[name] = torch.maximum(ranges[name], x) if name in ranges else x
+        return hook
+
+    hooks = [ref_lin.register_forward_pre_hook(observe(name)) for name, ref_lin, *_ in points]
+    try:
+        with torch.no_grad():
+            for w in windows:
+                reference(torch.tensor([w]), torch.tensor([0]), reference.empty_caches())
+    finally:
+        for h in hooks:
+            h.remove()
+    spread = []
+    with torch.no_grad():
+        for name, _, kind, producer, linears in points:
+            act = ranges[name].clamp(min=1e-5)
+            wmax = torch.cat([lin.weight.abs() for lin in linears], 0).amax(0).clamp(min=1e-5)
+            s = (act.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+            for lin in linears:
+                lin.weight.mul_(s)
+            if kind == "norm":
+                producer.weight.div_(s)
+            else:
+                producer.weight.div_(s[:, None])
+                if producer.bias is not None:
+                    producer.bias.div_(s)
+            spread.append(float(act.max() / act.median()))
+    return {"alpha": alpha, "points": len(points), "windows": len(windows),
+            "max_over_median_range": round(max(spread), 1) if spread else None}

@@ -106,8 +106,11 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--int4-symmetric", is_flag=True,
               help="w4a8: symmetric int4 groups (GGUF Q4_0's form) instead of groups with a float minimum "
                    "(Q4_1's form); faster in pte, less accurate. LiteRT's int4 is always symmetric.")
+@click.option("--smooth", type=click.FloatRange(0, 1), default=None,
+              help="pte w8a8/w4a8: SmoothQuant strength alpha, activation outliers moved into the weights "
+                   "(0 = off) [default: 0.5 for pte w8a8, else off; it hurts w4a8 from a Q4 GGUF].")
 @click.option("--calib", type=click.Path(exists=True), default=None,
-              help="Calibration text (file or folder) for w8a8-static; default: the built-in set.")
+              help="Calibration text (file or folder) for w8a8-static and --smooth; default: the built-in set.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
               help="Held-out text (file or folder) for the quality report; default: the built-in set.")
 @click.option("--eval-windows", type=click.IntRange(1), default=8, show_default=True,
@@ -132,7 +135,8 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @_compress_flags
 @click.pass_context
 def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target: str | None, scheme: str,
-            group_size: int, embedding: str, lm_head: str, int4_symmetric: bool, calib: str | None,
+            group_size: int, embedding: str, lm_head: str, int4_symmetric: bool, smooth: float | None,
+            calib: str | None,
             eval_text: str | None,
             eval_windows: int, evaluate: bool | None, max_context: int | None, max_prefill: int,
             prefill_lengths: tuple[int, ...] | None, threads: int | None, force: bool, no_verify: bool,
@@ -169,7 +173,8 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
                                  group_size=typed("group_size"), max_context=typed("max_context"),
                                  max_prefill=typed("max_prefill"), prefill_lengths=prefill_lengths)
     opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify,
-                          embedding=embedding, lm_head=lm_head, int4_symmetric=int4_symmetric, calib=calib,
+                          embedding=embedding, lm_head=lm_head, int4_symmetric=int4_symmetric, smooth=smooth,
+                          calib=calib,
                           eval=eval_text,
                           eval_windows=eval_windows, evaluate=evaluate, max_logit_error=max_logit_error,
                           min_top1=min_top1, max_ppl_increase=max_ppl_increase,

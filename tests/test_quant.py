@@ -106,6 +106,10 @@ def test_w8a8_pte_bundle_passes_quality_and_records_it(tmp_path, eval_text):
     assert engine.manifest.scheme == "w8a8"
     q = engine.manifest.verification["quality"]
     assert q["passed"] and q["top1_agreement"] >= 0.8 and q["windows"] == 2
+    # pte w8a8 smooths activations by default, on the built-in calibration text
+    assert engine.manifest.io["quantization"]["smooth"] == 0.5
+    smoothing = engine.manifest.verification["lowering"]["quantization"]["smoothing"]
+    assert smoothing["alpha"] == 0.5 and smoothing["points"] == 3 * engine.manifest.model.n_layers
     fp32 = convert_bundle(tmp_path / "f", eval=str(eval_text), eval_windows=2)
     size = lambda p: sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".pte", ".ptd"))  # noqa: E731
     assert size(path) < size(fp32)
@@ -145,3 +149,74 @@ def test_text_loading_errors(tmp_path):
     (tmp_path / "tok.json").write_text(tiny_tokenizer_json())
     with pytest.raises(SourceError, match="need at least"):
         token_windows(Tokenizer(tmp_path / "tok.json"), load_texts(tmp_path / "d"), 128, 4)
+
+
+def _tiny_windows(tiny_source, n=4, length=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, tiny_source.config.vocab_size, (n, length), generator=g).tolist()
+
+
+def _logits(model, window):
+    with torch.no_grad():
+        return model(torch.tensor([window]), torch.tensor([0]), model.empty_caches())[0]
+
+
+def _with_outliers(tiny_source):
+    """The tiny model with a few activation channels 40x larger and the weights reading them 40x smaller:
+    the same float function, with the outliers real models have after RMSNorm."""
+    model = build_decoder(tiny_source.config, tiny_source.state_dict).eval()
+    with torch.no_grad():
+        for b in model.layers:
+            pairs = ((b.attn_norm, (b.attn.wq, b.attn.wk, b.attn.wv)), (b.mlp_norm, (b.mlp.w_gate, b.mlp.w_up)))
+            for norm, lins in pairs:
+                norm.weight[:3] *= 40
+                for lin in lins:
+                    lin.weight[:, :3] /= 40
+    return model
+
+
+def test_smoothing_keeps_the_float_model_and_lowers_the_int8_error(tiny_source):
+    import copy
+
+    from edgelm.converters.quant import smooth_activations
+
+    reference = _with_outliers(tiny_source)
+    windows = _tiny_windows(tiny_source)
+    smoothed = copy.deepcopy(reference)
+    report = smooth_activations(reference, smoothed, windows, 0.5)
+    assert report["points"] == 3 * tiny_source.config.n_layers and report["windows"] == len(windows)
+    assert report["max_over_median_range"] > 10  # it saw the outliers
+    assert not torch.equal(smoothed.layers[0].attn_norm.weight, reference.layers[0].attn_norm.weight)
+    test = _tiny_windows(tiny_source, seed=1)
+    for w in test:  # the same function in float
+        torch.testing.assert_close(_logits(smoothed, w), _logits(reference, w), atol=1e-4, rtol=1e-4)
+
+    def int8_error(model):
+        q = copy.deepcopy(model)
+        quantize_torchao(q, QuantSpec("w8a8", embedding="fp32", lm_head="fp32"))
+        return sum(float((_logits(q, w) - _logits(reference, w)).abs().mean()) for w in test)
+
+    plain, smooth = int8_error(reference), int8_error(smoothed)
+    assert smooth < 0.7 * plain, (smooth, plain)
+
+
+def test_smooth_option_is_checked():
+    with pytest.raises(FormatError, match="between 0 and 1"):
+        QuantSpec("w8a8", smooth=1.5)
+    with pytest.raises(FormatError, match="quantized schemes"):
+        QuantSpec("fp32", smooth=0.5)
+    assert QuantSpec("w8a8", smooth=0.5).to_dict()["smooth"] == 0.5
+    assert "smooth" not in QuantSpec("w8a8").to_dict()
+
+
+def test_smooth_is_refused_for_other_formats(tmp_path):
+    with pytest.raises(FormatError, match="pte only"):
+        convert_bundle(tmp_path / "o", fmt="onnx", scheme="w8a8", smooth=0.5)
+    assert not (tmp_path / "o").exists()
+
+
+def test_smoothing_calibrates_within_a_short_context(tmp_path, eval_text):
+    path = convert_bundle(tmp_path / "short", scheme="w8a8", max_context=48, max_prefill=16, eval=str(eval_text),
+                          eval_windows=1)
+    smoothing = Engine.load(path).manifest.verification["lowering"]["quantization"]["smoothing"]
+    assert smoothing["windows"] >= 1

@@ -26,7 +26,7 @@ import torch
 from torch.export import Dim, export
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
-from edgelm.converters.quant import quantize_torchao
+from edgelm.converters.quant import quantize_torchao, smooth_activations
 from edgelm.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,14 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     if opts.quant.quantized:
         import executorch.kernels.quantized  # noqa: F401  out-variants of the quantized embedding
 
+        smoothing = None
+        if opts.quant.smooth:
+            if not opts.calibration:
+                raise ConversionError("smoothing needs calibration windows (LowerOptions.calibration)")
+            smoothing = smooth_activations(model, m, opts.calibration, opts.quant.smooth)
         quant_report = quantize_torchao(m, opts.quant)
+        if smoothing:
+            quant_report["smoothing"] = smoothing
     pos = torch.tensor([0], dtype=torch.long)
     seq = Dim("seq", min=2, max=max_prefill)
     max_verify = max(2, min(MAX_VERIFY, cfg.max_context))
