@@ -31,8 +31,9 @@ from edgelm.targets import profile_to_dict
 from edgelm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-# SmoothQuant alpha for pte w8a8 by default: held-out KL to fp32 0.025 -> 0.014 on SmolLM2 (README)
+# SmoothQuant alpha for pte and tflite w8a8 by default: held-out KL to fp32 0.025 -> 0.014 on SmolLM2 (README)
 DEFAULT_SMOOTH = 0.5
+SMOOTH_FORMATS = ("pte", "tflite")  # ONNX quantizes activations per block of 32 and does not need it
 _VERSIONED = ("torch", "executorch", "onnx", "onnxruntime", "litert-torch", "ai-edge-litert", "transformers")
 
 
@@ -54,7 +55,7 @@ class ConvertOptions:
     embedding: str = "int8"
     lm_head: str = "int8"
     int4_symmetric: bool = False
-    smooth: float | None = None  # SmoothQuant alpha; None: DEFAULT_SMOOTH for pte w8a8, else off
+    smooth: float | None = None  # SmoothQuant alpha; None: DEFAULT_SMOOTH for pte/tflite w8a8, else off
     calib: str | None = None  # calibration text (file or folder); built-in set if None
     calib_windows: int = 16
     eval: str | None = None  # held-out evaluation text; built-in set if None
@@ -124,8 +125,9 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
     formats = list(FORMATS) if opts.format == "all" else [opts.format]
     for fmt in formats:  # an unknown format or a scheme a format cannot do fails before any heavy work
         get_lowering(fmt, opts.scheme)
-        if opts.smooth and fmt != "pte":
-            raise FormatError(f"--smooth is built for pte only (ExecuTorch's per-token int8 activations), not {fmt}")
+        if opts.smooth and fmt not in SMOOTH_FORMATS:
+            raise FormatError(f"--smooth is built for {' and '.join(SMOOTH_FORMATS)} (XNNPACK's int8 activations, one "
+                              f"scale per row), not {fmt}")
     quant = QuantSpec(opts.scheme, opts.group_size, opts.embedding, opts.lm_head, opts.int4_symmetric,
                       smooth=opts.smooth or 0.0)
     if not log.isEnabledFor(logging.INFO):
@@ -172,7 +174,7 @@ def _convert_one(opts: ConvertOptions, fmt: str, out: Path, source, model, quant
     report: dict[str, Any] = {"format": fmt, "scheme": opts.scheme}
     with BundleWriter(out, overwrite=opts.force) as writer:
         writer.path("tokenizer.json").write_text(source.tokenizer_json, encoding="utf-8")
-        if opts.smooth is None and fmt == "pte" and opts.scheme == "w8a8":
+        if opts.smooth is None and fmt in SMOOTH_FORMATS and opts.scheme == "w8a8":
             quant = dataclasses.replace(quant, smooth=DEFAULT_SMOOTH)
         calibration = None
         if opts.scheme == "w8a8-static" or quant.smooth:

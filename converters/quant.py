@@ -47,7 +47,7 @@ class QuantSpec:
     # w4a8: symmetric int4 groups (GGUF Q4_0's form) instead of groups with a float minimum
     # (Q4_1's form). Faster in ExecuTorch (no block-sum matmuls); LiteRT is always symmetric.
     int4_symmetric: bool = False
-    # SmoothQuant migration strength (0: off); pte only, see smooth_activations
+    # SmoothQuant migration strength (0: off); pte and tflite, see smooth_activations
     smooth: float = 0.0
 
     def __post_init__(self) -> None:
@@ -224,7 +224,7 @@ def quantize_torchao(model, spec: QuantSpec) -> dict[str, Any]:
 def smooth_activations(reference, model, windows: list[list[int]], alpha: float) -> dict[str, Any]:
     """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before w8a8.
 
-    Dynamic int8 activations are quantized per token with one scale for the whole row, so a
+    XNNPACK's dynamic int8 activations (pte, tflite) take one scale for a whole token row, so a
     few large channels (after RMSNorm, and SwiGLU's product before the down projection) leave
     the other channels few levels. For each linear input channel j this divides the
     activation by ``s_j = max|X_j| ** alpha / max|W_:,j| ** (1 - alpha)`` and multiplies the

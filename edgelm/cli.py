@@ -107,8 +107,8 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="w4a8: symmetric int4 groups (GGUF Q4_0's form) instead of groups with a float minimum "
                    "(Q4_1's form); faster in pte, less accurate. LiteRT's int4 is always symmetric.")
 @click.option("--smooth", type=click.FloatRange(0, 1), default=None,
-              help="pte w8a8/w4a8: SmoothQuant strength alpha, activation outliers moved into the weights "
-                   "(0 = off) [default: 0.5 for pte w8a8, else off; it hurts w4a8 from a Q4 GGUF].")
+              help="pte/tflite w8a8, w4a8: SmoothQuant strength alpha, activation outliers moved into the "
+                   "weights (0 = off) [default: 0.5 for w8a8, else off; it hurts w4a8 from a Q4 GGUF].")
 @click.option("--calib", type=click.Path(exists=True), default=None,
               help="Calibration text (file or folder) for w8a8-static and --smooth; default: the built-in set.")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,

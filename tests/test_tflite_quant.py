@@ -114,6 +114,9 @@ def test_scheme_converts_passes_gates_and_quantizes_every_linear(quantized, tiny
         assert ops == {"int8": (n_linear + 1) * signatures, "float32": 9 * signatures}
     size = (root / "model.tflite").stat().st_size
     assert size == low["file_bytes"] < low["fp32_file_bytes"]
+    # w8a8 smooths the activations first by default (the calibration text's ranges)
+    assert m.io["quantization"].get("smooth") == (0.5 if scheme == "w8a8" else None)
+    assert ("smoothing" in q) == (scheme == "w8a8")
 
 
 def test_int4_is_smaller_than_int8_which_is_smaller_than_fp32(quantized):

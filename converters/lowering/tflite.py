@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
+from edgelm.converters.quant import smooth_activations
 from edgelm.errors import ConversionError, FormatError
 
 log = logging.getLogger(__name__)
@@ -462,6 +463,11 @@ def lower_tflite(model, out: Path, opts: LowerOptions) -> Lowered:
     if opts.quant.quantized:
         check_quant(opts.quant)
     m = copy.deepcopy(model).eval()
+    smoothing = None
+    if opts.quant.smooth:
+        if not opts.calibration:
+            raise ConversionError("smoothing needs calibration windows (LowerOptions.calibration)")
+        smoothing = smooth_activations(model, m, opts.calibration, opts.quant.smooth)
     if cfg.tie_embeddings:  # one tensor, so the file stores it once
         m.output.weight = m.tok_embeddings.weight
     steps = {DECODE: 1, **{PREFILL.format(length=n): n for n in lengths}}
@@ -484,6 +490,8 @@ def lower_tflite(model, out: Path, opts: LowerOptions) -> Lowered:
     quant_report = None
     if opts.quant.quantized:
         quant_report = quantize_tflite(out, m, opts.quant)
+        if smoothing:
+            quant_report["smoothing"] = smoothing
         log.info("quantized %s to %s: %.1f MB -> %.1f MB in %.0f s", out.name, opts.quant.scheme, size / 1e6,
                  out.stat().st_size / 1e6, quant_report["quantize_s"])
     fp32_size, size = size, out.stat().st_size
