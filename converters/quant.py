@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgelm.errors import FormatError
+from edgelm.errors import ConversionError, FormatError
 
 SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
 EMBEDDING_CHOICES = ("int8", "fp32")
@@ -241,6 +241,8 @@ def smooth_activations(reference, model, windows: list[list[int]], alpha: float)
     import torch
     from torch import nn
 
+    if not windows:
+        raise ConversionError("smoothing needs calibration windows (LowerOptions.calibration)")
     points = []  # (name, producer kind, producer, consumer linears) per smoothing point
     for i, (rb, b) in enumerate(zip(reference.layers, model.layers)):
         a, m = rb.attn, rb.mlp

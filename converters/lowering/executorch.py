@@ -78,8 +78,6 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
 
         smoothing = None
         if opts.quant.smooth:
-            if not opts.calibration:
-                raise ConversionError("smoothing needs calibration windows (LowerOptions.calibration)")
             smoothing = smooth_activations(model, m, opts.calibration, opts.quant.smooth)
         quant_report = quantize_torchao(m, opts.quant)
         if smoothing:

@@ -465,8 +465,6 @@ def lower_tflite(model, out: Path, opts: LowerOptions) -> Lowered:
     m = copy.deepcopy(model).eval()
     smoothing = None
     if opts.quant.smooth:
-        if not opts.calibration:
-            raise ConversionError("smoothing needs calibration windows (LowerOptions.calibration)")
         smoothing = smooth_activations(model, m, opts.calibration, opts.quant.smooth)
     if cfg.tie_embeddings:  # one tensor, so the file stores it once
         m.output.weight = m.tok_embeddings.weight
