@@ -69,3 +69,19 @@ def test_reexec_puts_malloc_on_huge_pages():
     # most of the 256 MiB lands on 2 MiB pages with the tunable, none of it without
     assert on["huge"] >= 128 << 20, on
     assert off["huge"] < 64 << 20, off
+
+
+def test_engine_load_hints_at_the_tunable_when_it_would_help(tiny_pte, monkeypatch, caplog):
+    import logging
+
+    from edgelm.runtime import Engine, engine
+
+    monkeypatch.setattr(engine, "huge_pages_env", lambda env: {})  # "it would change something"
+    with caplog.at_level(logging.INFO, logger="edgelm.runtime.engine"):
+        Engine.load(tiny_pte)
+    assert f"GLIBC_TUNABLES={TUNABLE}=1" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(engine, "huge_pages_env", lambda env: None)
+    with caplog.at_level(logging.INFO, logger="edgelm.runtime.engine"):
+        Engine.load(tiny_pte)
+    assert TUNABLE not in caplog.text
