@@ -96,6 +96,8 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
         "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "load_s": load_s,
         **{k: _summary(v) for k, v in samples.items()},
         "peak_rss_mb": peak_rss_mb(), "size_mb": size / 1e6,
+        # .pte rows: whether the methods shared one packed copy of the weights (README: Memory)
+        **({"weight_cache": engine.backend.weight_cache} if hasattr(engine.backend, "weight_cache") else {}),
     }
 
 

@@ -118,6 +118,7 @@ def test_bench_prints_json_and_rejects_bad_combinations(tiny_pte):
     report = json.loads(proc.stdout)  # stdout holds the JSON alone, no table
     [row] = report["rows"]
     assert row["format"] == "pte" and row["new_tokens"] == 4 and row["decode_tps"]["median"] > 0
+    assert row["weight_cache"] is True  # prefill and decode shared one packed copy (README: Memory)
     assert report["machine"]["cores"] >= 1
     if huge_pages_env({}) is not None:  # the command re-executed itself with the glibc tunable: so did its rows
         assert report["machine"]["huge_pages"].startswith("on"), report["machine"]

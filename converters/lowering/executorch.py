@@ -3,9 +3,10 @@
 ``prefill`` takes 2 to ``max_prefill`` tokens and returns the last one's logits. ``decode``
 takes 1 to ``MAX_VERIFY`` tokens and returns every position's logits: one token in plain
 decoding, a draft model's run in speculative decoding (checked in one pass). One method
-for both because XNNPACK packs the weights once per method: a separate ``verify`` method
-would hold a third copy in memory (540 MB for SmolLM2 at fp32). A dynamic-shape decode
-measured as fast as a fixed one-token decode.
+for both because XNNPACK packs the weights once per method unless its weight cache is on
+(edgelm's runtime turns it on where it can): a separate ``verify`` method would otherwise
+hold another copy in memory (540 MB for SmolLM2 at fp32). A dynamic-shape decode measured
+as fast as a fixed one-token decode.
 The KV cache lives in mutable buffers shared by both methods (``share_mutable_buffers``),
 so the runtime never moves it. Attention uses ExecuTorch's ``llama::update_cache`` and
 ``llama::custom_sdpa`` kernels, which attend only to the filled part of the cache.

@@ -6,7 +6,9 @@ only one token id, one position and the logits across the Python boundary.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import weakref
 from pathlib import Path
 
@@ -37,6 +39,58 @@ def _use_threadpool(portable_lib, threads: int) -> int:
     return threads
 
 
+# XNNPACK's packed-weight cache. Without it every method of a program (prefill, decode) packs its own
+# copy of the weights: 3 copies of SmolLM2's 540 MB at fp32 counting the file. With it the methods
+# share one copy, keyed by the sha256 of the unpacked bytes (the keys ExecuTorch's XNNPACK serializer
+# gives constants), so only identical tensors are ever shared. The cache is a backend option of the
+# runtime, and ExecuTorch's Python bindings expose no way to set backend options; this calls the C++
+# entry point ``executorch::runtime::set_option`` from libexecutorch.so through ctypes, checking the
+# struct layout with ``get_option`` first. ``EDGELM_XNNPACK_WEIGHT_CACHE=0`` turns it off.
+_SET_OPTION = "_ZN10executorch7runtime10set_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
+_GET_OPTION = "_ZN10executorch7runtime10get_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
+_WEIGHT_CACHE: bool | None = None  # None: not tried yet in this process
+
+
+class _BackendOption(ctypes.Structure):
+    # runtime/backend/options.h: char key[64]; std::variant<bool, int, std::array<char, 256>> value
+    # (storage aligned like int, then the alternative's index)
+    _fields_ = [("key", ctypes.c_char * 64), ("value", ctypes.c_int32 * 64), ("index", ctypes.c_uint8)]
+
+
+class _OptionSpan(ctypes.Structure):
+    _fields_ = [("data", ctypes.POINTER(_BackendOption)), ("size", ctypes.c_size_t)]
+
+
+def _weight_cache_option(lib: ctypes.CDLL, value: bool | None) -> bool | None:
+    """Read (``value`` None) or set XNNPACK's ``weight_cache_enabled``; the value read, or None on any mismatch."""
+    opt = _BackendOption(key=b"weight_cache_enabled", index=0)
+    opt.value[0] = int(bool(value))
+    fn = getattr(lib, _GET_OPTION if value is None else _SET_OPTION)
+    fn.restype = ctypes.c_uint32
+    fn.argtypes = [ctypes.c_char_p, _OptionSpan]
+    if fn(b"XnnpackBackend", _OptionSpan(ctypes.pointer(opt), 1)) != 0 or opt.index != 0:
+        return None
+    return bool(opt.value[0] & 0xFF)
+
+
+def enable_weight_cache(portable_lib) -> bool:
+    """Turn XNNPACK's shared packed-weight cache on for programs loaded from now on; True if it is on."""
+    global _WEIGHT_CACHE
+    if _WEIGHT_CACHE is None:
+        _WEIGHT_CACHE = False
+        if os.environ.get("EDGELM_XNNPACK_WEIGHT_CACHE", "1").strip() != "0":
+            lib_path = Path(portable_lib.__file__).resolve().parents[2] / "lib" / "libexecutorch.so"
+            try:
+                lib = ctypes.CDLL(str(lib_path))
+                if _weight_cache_option(lib, None) is not None:  # the layout matches this build
+                    _WEIGHT_CACHE = _weight_cache_option(lib, True) is not None and bool(
+                        _weight_cache_option(lib, None))
+            except (OSError, AttributeError) as e:  # no such library or symbol in this build
+                log.debug("XNNPACK weight cache not available: %s", e)
+        log.debug("XNNPACK weight cache %s", "on" if _WEIGHT_CACHE else "off")
+    return _WEIGHT_CACHE
+
+
 @register_backend("pte")
 class ExecuTorchBackend:
     """Backend for ``format == "pte"`` bundles."""
@@ -65,6 +119,7 @@ class ExecuTorchBackend:
         try:
             with quiet_native_stderr(quiet):
                 self.threads = _use_threadpool(portable_lib, self.threads)
+                self.weight_cache = enable_weight_cache(portable_lib)
                 kwargs = {"data_path": str(data)} if data else {}
                 program = Runtime.get().load_program(str(model), **kwargs)
                 self._prefill = program.load_method("prefill")
