@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -40,15 +41,22 @@ def _use_threadpool(portable_lib, threads: int) -> int:
 
 
 # XNNPACK's packed-weight cache. Without it every method of a program (prefill, decode) packs its own
-# copy of the weights: 3 copies of SmolLM2's 540 MB at fp32 counting the file. With it the methods
-# share one copy, keyed by the sha256 of the unpacked bytes (the keys ExecuTorch's XNNPACK serializer
-# gives constants), so only identical tensors are ever shared. The cache is a backend option of the
-# runtime, and ExecuTorch's Python bindings expose no way to set backend options; this calls the C++
-# entry point ``executorch::runtime::set_option`` from libexecutorch.so through ctypes, checking the
-# struct layout with ``get_option`` first. ``EDGELM_XNNPACK_WEIGHT_CACHE=0`` turns it off.
+# copy of the weights: for SmolLM2 at fp32 two packed copies of 540 MB beside the mapped file. With it
+# the methods share one. The cache is a backend option of the runtime, and ExecuTorch's Python bindings
+# expose no way to set backend options; this calls the C++ entry point ``executorch::runtime::set_option``
+# from libexecutorch.so through ctypes, after checking the struct layout with ``get_option``.
+#
+# Only programs whose XNNPACK weights are all float use it. The cache keys a packed weight by its
+# constant's name, which ExecuTorch's serializer makes the sha256 of the unpacked bytes: for a float
+# weight that is the whole content. A quantized weight's scales are separate constants and not part of
+# the key, so two programs in one process with the same int8 codes but different scales (a layer whose
+# rows differ by a power of two does it) would share one packed copy and one of them would compute with
+# the other's scales; tests/test_weight_cache.py builds that case. Quantized programs therefore load
+# with the option off. ``EDGELM_XNNPACK_WEIGHT_CACHE=0`` keeps it off for every program.
 _SET_OPTION = "_ZN10executorch7runtime10set_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
 _GET_OPTION = "_ZN10executorch7runtime10get_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
-_WEIGHT_CACHE: bool | None = None  # None: not tried yet in this process
+_OPTIONS_LIB: ctypes.CDLL | bool | None = None  # None: not probed yet; False: no usable set_option here
+_LOAD_LOCK = threading.Lock()  # the option is process-wide: set it and load under one lock
 
 
 class _BackendOption(ctypes.Structure):
@@ -73,22 +81,35 @@ def _weight_cache_option(lib: ctypes.CDLL, value: bool | None) -> bool | None:
     return bool(opt.value[0] & 0xFF)
 
 
-def enable_weight_cache(portable_lib) -> bool:
-    """Turn XNNPACK's shared packed-weight cache on for programs loaded from now on; True if it is on."""
-    global _WEIGHT_CACHE
-    if _WEIGHT_CACHE is None:
-        _WEIGHT_CACHE = False
-        if os.environ.get("EDGELM_XNNPACK_WEIGHT_CACHE", "1").strip() != "0":
-            lib_path = Path(portable_lib.__file__).resolve().parents[2] / "lib" / "libexecutorch.so"
-            try:
-                lib = ctypes.CDLL(str(lib_path))
-                if _weight_cache_option(lib, None) is not None:  # the layout matches this build
-                    _WEIGHT_CACHE = _weight_cache_option(lib, True) is not None and bool(
-                        _weight_cache_option(lib, None))
-            except (OSError, AttributeError) as e:  # no such library or symbol in this build
-                log.debug("XNNPACK weight cache not available: %s", e)
-        log.debug("XNNPACK weight cache %s", "on" if _WEIGHT_CACHE else "off")
-    return _WEIGHT_CACHE
+def _options_lib(portable_lib) -> ctypes.CDLL | None:
+    global _OPTIONS_LIB
+    if _OPTIONS_LIB is None:
+        _OPTIONS_LIB = False
+        lib_path = Path(portable_lib.__file__).resolve().parents[2] / "lib" / "libexecutorch.so"
+        try:
+            lib = ctypes.CDLL(str(lib_path))
+            if _weight_cache_option(lib, None) is not None:  # the layout matches this build
+                _OPTIONS_LIB = lib
+        except (OSError, AttributeError) as e:  # no such library or symbol in this build
+            log.debug("XNNPACK weight cache not available: %s", e)
+    return _OPTIONS_LIB or None
+
+
+def float_weights_only(manifest: Manifest) -> bool:
+    """True if none of the bundle's weights is quantized (its XNNPACK weights can share the cache)."""
+    q = manifest.io.get("quantization") or {"scheme": manifest.scheme}
+    return q.get("scheme") == "fp32" and all(q.get(k, "fp32") == "fp32" for k in ("embedding", "lm_head"))
+
+
+def use_weight_cache(portable_lib, on: bool) -> bool:
+    """Set XNNPACK's shared packed-weight cache on or off for the programs loaded next; True if it is on."""
+    on = on and os.environ.get("EDGELM_XNNPACK_WEIGHT_CACHE", "1").strip() != "0"
+    lib = _options_lib(portable_lib)
+    if lib is None or _weight_cache_option(lib, on) is None:
+        return False
+    state = bool(_weight_cache_option(lib, None))
+    log.debug("XNNPACK weight cache %s", "on" if state else "off")
+    return state
 
 
 @register_backend("pte")
@@ -119,11 +140,12 @@ class ExecuTorchBackend:
         try:
             with quiet_native_stderr(quiet):
                 self.threads = _use_threadpool(portable_lib, self.threads)
-                self.weight_cache = enable_weight_cache(portable_lib)
                 kwargs = {"data_path": str(data)} if data else {}
-                program = Runtime.get().load_program(str(model), **kwargs)
-                self._prefill = program.load_method("prefill")
-                self._decode = program.load_method("decode")
+                with _LOAD_LOCK:  # XNNPACK packs the weights when a method loads
+                    self.weight_cache = use_weight_cache(portable_lib, float_weights_only(manifest))
+                    program = Runtime.get().load_program(str(model), **kwargs)
+                    self._prefill = program.load_method("prefill")
+                    self._decode = program.load_method("decode")
         except (RuntimeError, ValueError, KeyError) as e:
             raise BundleError(f"{model}: ExecuTorch cannot load this program ({e}); is it really a .pte "
                               "written by edgelm? convert the model again") from e
