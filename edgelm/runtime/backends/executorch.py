@@ -71,7 +71,11 @@ class _OptionSpan(ctypes.Structure):
 
 def _weight_cache_option(lib: ctypes.CDLL, value: bool | None) -> bool | None:
     """Read (``value`` None) or set XNNPACK's ``weight_cache_enabled``; the value read, or None on any mismatch."""
-    opt = _BackendOption(key=b"weight_cache_enabled", index=0)
+    # The option lives at the start of a larger zeroed buffer: should a build's BackendOption be bigger
+    # than this layout, the runtime's writes still land in memory owned here, and the check below fails.
+    buf = (ctypes.c_uint8 * 4096)()
+    opt = _BackendOption.from_buffer(buf)
+    opt.key, opt.index = b"weight_cache_enabled", 0
     opt.value[0] = int(bool(value))
     fn = getattr(lib, _GET_OPTION if value is None else _SET_OPTION)
     fn.restype = ctypes.c_uint32
