@@ -19,7 +19,9 @@ stock path stores it twice: once for the gather, once inside the XNNPACK blob).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from torch.export import Dim, export
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
 from edgelm.converters.quant import quantize_torchao, smooth_activations
 from edgelm.errors import ConversionError
+from edgelm.runtime.backends.executorch import WEIGHT_KEYS  # io.weight_keys: lets quantized programs share the cache
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,66 @@ def _tag_weights_external(ep, tag: str) -> None:
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in ep.graph_signature.inputs_to_parameters:
             node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+
+
+@contextlib.contextmanager
+def weight_keys_cover_quantization(counter: list[int]):
+    """While lowering, name each quantized XNNPACK weight by its bytes *and* its quantization.
+
+    ExecuTorch's serializer names a constant by the sha256 of its bytes, and XNNPACK's weight cache
+    keys packed weights by that name; a quantized weight's scales are a separate constant. Two programs
+    with the same int8 codes and different scales would then share one packed copy in a process that
+    loads both. This mixes the scales, zero points and layout into the name. Unquantized constants keep
+    their plain content hash. ``counter[0]`` counts the weights named this way. Written against
+    executorch 1.5's ``NodeVisitor.get_serialized_buffer_index``; where that differs, nothing is patched,
+    the count stays 0 and the bundle is not marked (its quantized weights then load without the cache).
+    """
+    try:
+        from executorch.backends.xnnpack.operators import node_visitor as nv
+
+        original = nv.NodeVisitor.get_serialized_buffer_index
+        params = inspect.signature(original).parameters
+        real_hashlib = nv.hashlib
+    except (ImportError, AttributeError, ValueError, TypeError):
+        yield
+        return
+    if "quant_params" not in params:
+        yield
+        return
+    salt = [b""]
+
+    class _Salted:  # stands in for the module's ``hashlib``: only ``sha256`` is used there
+        @staticmethod
+        def sha256(data=b""):
+            return real_hashlib.sha256(bytes(data) + salt[0])
+
+    def describe(q) -> bytes:
+        parts = [repr((q.dtype, q.axis, q.qmin, q.qmax, q.per_channel, q.per_channel_group, q.group_size,
+                       q.is_dynamic)).encode()]
+        for t in (q.scale, q.zp):
+            parts.append(t.detach().float().contiguous().numpy().tobytes() if isinstance(t, torch.Tensor)
+                         else repr(t).encode())
+        return b"|".join(parts)
+
+    def patched(self, *args, **kwargs):
+        bound = inspect.signature(original).bind(self, *args, **kwargs)
+        q = bound.arguments.get("quant_params")
+        if q is None or q.is_dynamic:  # a float constant, or an activation's own (dynamic) quantization
+            return original(self, *args, **kwargs)
+        salt[0] = b"|edgelm-quant|" + describe(q)
+        try:
+            counter[0] += 1
+            return original(self, *args, **kwargs)
+        finally:
+            salt[0] = b""
+
+    nv.hashlib = _Salted
+    nv.NodeVisitor.get_serialized_buffer_index = patched
+    try:
+        yield
+    finally:
+        nv.NodeVisitor.get_serialized_buffer_index = original
+        nv.hashlib = real_hashlib
 
 
 def tie_output_to_embedding(model) -> None:
@@ -99,13 +162,15 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
             m.full_logits = False
         for ep in programs.values():
             _tag_weights_external(ep, DATA_TAG)
-        edge = to_edge_transform_and_lower(
-            programs,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods={"max_context": cfg.max_context, "max_prefill": max_prefill,
-                              "max_verify": max_verify, "vocab_size": cfg.vocab_size},
-        )
+        keyed = [0]
+        with weight_keys_cover_quantization(keyed):
+            edge = to_edge_transform_and_lower(
+                programs,
+                partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods={"max_context": cfg.max_context, "max_prefill": max_prefill,
+                                  "max_verify": max_verify, "vocab_size": cfg.vocab_size},
+            )
         delegation = _delegation_summary(edge)
         et = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
@@ -127,6 +192,8 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     io = {"methods": ["prefill", "decode"], "max_prefill": max_prefill, "min_prefill": 2,
           "max_verify": max_verify,
           "kv_cache": "mutable_buffers", "data_file": final_data.name}
+    if keyed[0] or not opts.quant.quantized:
+        io["weight_keys"] = WEIGHT_KEYS
     report = {"delegation": delegation}
     if quant_report:
         report["quantization"] = quant_report

@@ -46,13 +46,14 @@ def _use_threadpool(portable_lib, threads: int) -> int:
 # expose no way to set backend options; this calls the C++ entry point ``executorch::runtime::set_option``
 # from libexecutorch.so through ctypes, after checking the struct layout with ``get_option``.
 #
-# Only programs whose XNNPACK weights are all float use it. The cache keys a packed weight by its
-# constant's name, which ExecuTorch's serializer makes the sha256 of the unpacked bytes: for a float
-# weight that is the whole content. A quantized weight's scales are separate constants and not part of
-# the key, so two programs in one process with the same int8 codes but different scales (a layer whose
-# rows differ by a power of two does it) would share one packed copy and one of them would compute with
-# the other's scales; tests/test_weight_cache.py builds that case. Quantized programs therefore load
-# with the option off. ``EDGELM_XNNPACK_WEIGHT_CACHE=0`` keeps it off for every program.
+# The cache keys a packed weight by its constant's name, which ExecuTorch's serializer makes the sha256
+# of the unpacked bytes: for a float weight that is the whole content. A quantized weight's scales are
+# separate constants outside that name, so two programs in one process with the same int8 codes but
+# different scales (a layer whose rows differ by a power of two does it) would share one packed copy,
+# and one of them would compute with the other's scales; tests/test_weight_cache.py builds that case.
+# edgelm's pte lowering names quantized weights by their bytes and quantization together and records
+# ``io.weight_keys == WEIGHT_KEYS``; quantized programs without that mark load with the option off.
+# ``EDGELM_XNNPACK_WEIGHT_CACHE=0`` keeps it off for every program.
 _SET_OPTION = "_ZN10executorch7runtime10set_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
 _GET_OPTION = "_ZN10executorch7runtime10get_optionEPKcNS0_4SpanINS0_13BackendOptionEEE"
 _OPTIONS_LIB: ctypes.CDLL | bool | None = None  # None: not probed yet; False: no usable set_option here
@@ -99,8 +100,14 @@ def _options_lib(portable_lib) -> ctypes.CDLL | None:
     return _OPTIONS_LIB or None
 
 
-def float_weights_only(manifest: Manifest) -> bool:
-    """True if none of the bundle's weights is quantized (its XNNPACK weights can share the cache)."""
+WEIGHT_KEYS = "sha256(bytes+quantization)"
+
+
+def cache_safe(manifest: Manifest) -> bool:
+    """True if the bundle's XNNPACK weights are named by all they hold, so they can share the cache:
+    written with quantization-covering names (``io.weight_keys``), or with no quantized weight at all."""
+    if manifest.io.get("weight_keys") == WEIGHT_KEYS:
+        return True
     q = manifest.io.get("quantization") or {"scheme": manifest.scheme}
     return q.get("scheme") == "fp32" and all(q.get(k, "fp32") == "fp32" for k in ("embedding", "lm_head"))
 
@@ -146,7 +153,7 @@ class ExecuTorchBackend:
                 self.threads = _use_threadpool(portable_lib, self.threads)
                 kwargs = {"data_path": str(data)} if data else {}
                 with _LOAD_LOCK:  # XNNPACK packs the weights when a method loads
-                    self.weight_cache = use_weight_cache(portable_lib, float_weights_only(manifest))
+                    self.weight_cache = use_weight_cache(portable_lib, cache_safe(manifest))
                     program = Runtime.get().load_program(str(model), **kwargs)
                     self._prefill = program.load_method("prefill")
                     self._decode = program.load_method("decode")
