@@ -74,12 +74,12 @@ def weight_keys_cover_quantization(counter: list[int]):
         from executorch.backends.xnnpack.operators import node_visitor as nv
 
         original = nv.NodeVisitor.get_serialized_buffer_index
-        params = inspect.signature(original).parameters
+        signature = inspect.signature(original)
         real_hashlib = nv.hashlib
     except (ImportError, AttributeError, ValueError, TypeError):
         yield
         return
-    if "quant_params" not in params:
+    if "quant_params" not in signature.parameters:
         yield
         return
     salt = [b""]
@@ -98,8 +98,7 @@ def weight_keys_cover_quantization(counter: list[int]):
         return b"|".join(parts)
 
     def patched(self, *args, **kwargs):
-        bound = inspect.signature(original).bind(self, *args, **kwargs)
-        q = bound.arguments.get("quant_params")
+        q = signature.bind(self, *args, **kwargs).arguments.get("quant_params")
         if q is None or q.is_dynamic:  # a float constant, or an activation's own (dynamic) quantization
             return original(self, *args, **kwargs)
         salt[0] = b"|edgelm-quant|" + describe(q)

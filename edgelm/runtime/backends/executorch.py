@@ -108,8 +108,8 @@ def cache_safe(manifest: Manifest) -> bool:
     written with quantization-covering names (``io.weight_keys``), or with no quantized weight at all."""
     if manifest.io.get("weight_keys") == WEIGHT_KEYS:
         return True
-    q = manifest.io.get("quantization") or {"scheme": manifest.scheme}
-    return q.get("scheme") == "fp32" and all(q.get(k, "fp32") == "fp32" for k in ("embedding", "lm_head"))
+    # fp32 quantizes nothing: the embedding and LM-head choices apply to quantized schemes only
+    return (manifest.io.get("quantization") or {}).get("scheme", manifest.scheme) == "fp32"
 
 
 def use_weight_cache(portable_lib, on: bool) -> bool:
