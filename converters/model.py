@@ -30,13 +30,25 @@ from edgelm.config import ModelConfig
 ATTENTION_IMPLS = ("plain", "executorch")
 
 
+#: RoPE scaling types the canonical decoder computes as transformers does. ``dynamic`` (NTK) only
+#: changes the frequencies past ``max_position_embeddings``, where edgelm never goes (the context is
+#: capped there), so inside the context it is the plain rotary embedding.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def rope_type(rope_scaling: dict | None) -> str:
+    """The scaling type of a ``rope_scaling`` dict (``rope_type``, or the older ``type`` key)."""
+    rs = rope_scaling or {}
+    return rs.get("rope_type", rs.get("type", "default"))
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with Llama 3 / linear scaling."""
+    """Inverse frequencies of the rotary embedding, with Llama 3 / linear / YaRN scaling."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind == "default":
+    kind = rope_type(rs)
+    if kind in ("default", "dynamic"):
         return inv
     if kind == "linear":
         return inv / float(rs["factor"])
@@ -51,7 +63,41 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
         return torch.where(is_mid, mid, scaled)
+    if kind == "yarn":
+        # YaRN (arXiv 2309.00071) as transformers computes it: interpolate the low frequencies by
+        # `factor`, keep the high ones, ramp linearly between the two correction dimensions.
+        old_ctx = float(rs["original_max_position_embeddings"])
+        factor = float(rs["factor"])
+        fast, slow = float(rs.get("beta_fast") or 32), float(rs.get("beta_slow") or 1)
+
+        def corr_dim(rotations: float) -> float:
+            return hd * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+        lo, hi = corr_dim(fast), corr_dim(slow)
+        if rs.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, hd - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        return inv / factor * ramp + inv * (1 - ramp)
     raise NotImplementedError(f"rope scaling type {kind!r} is not supported yet")
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """Factor on cos and sin: YaRN's attention temperature, 1 for every other type."""
+    rs = cfg.rope_scaling or {}
+    if rope_type(rs) != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+    factor = float(rs["factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if rs.get("mscale") and rs.get("mscale_all_dim"):
+        return mscale(float(rs["mscale"])) / mscale(float(rs["mscale_all_dim"]))
+    return mscale(1.0)
 
 
 class RMSNorm(nn.Module):
@@ -227,8 +273,9 @@ class Decoder(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
         freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
-        self.register_buffer("rope_cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("rope_sin", freqs.sin().float(), persistent=False)
+        scale = rope_attention_scale(cfg)
+        self.register_buffer("rope_cos", (freqs.cos() * scale).float(), persistent=False)
+        self.register_buffer("rope_sin", (freqs.sin() * scale).float(), persistent=False)
         self.register_buffer("rope_rot", rotate_half_matrix(cfg.head_dim).T.contiguous(), persistent=False)
         self.full_logits = False
         # functional mode only: attend to cache rows [0, start_pos) plus the new rows instead of all

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from edgelm.config import ModelConfig
+from edgelm.converters.model import ROPE_TYPES, rope_type
 from edgelm.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,25 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     if ctx > limit:
         log.warning("max_context %d is beyond what the model was trained for (%d); using %d", ctx, limit, limit)
         ctx = limit
+    window = _sliding_window(hf)
+    if window is not None and ctx > window:
+        # Within the window, sliding-window attention is full causal attention; past it the
+        # canonical decoder (full attention over a static cache) would silently differ.
+        log.warning("the model attends over a sliding window of %d tokens; capping max_context %d to it",
+                    window, ctx)
+        ctx = window
     eos = getattr(hf, "eos_token_id", None)
     rope_params = getattr(hf, "rope_parameters", None) or {}
     rope_scaling = getattr(hf, "rope_scaling", None) or None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = dict(rope_params)
+    if rope_scaling:
+        rope_scaling = dict(rope_scaling)
+        kind = rope_type(rope_scaling)
+        if kind not in ROPE_TYPES:
+            raise SourceError(f"RoPE scaling {kind!r} is not supported yet; edgelm converts {', '.join(ROPE_TYPES)}")
+        if kind == "yarn" and not rope_scaling.get("factor"):  # transformers' fallback (DeepSeek-style configs)
+            rope_scaling["factor"] = limit / float(rope_scaling["original_max_position_embeddings"])
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
     attn_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
@@ -91,7 +106,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         head_dim=head_dim,
         norm_eps=float(hf.rms_norm_eps),
         rope_theta=float(rope_theta),
-        rope_scaling=dict(rope_scaling) if rope_scaling else None,
+        rope_scaling=rope_scaling or None,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or attn_bias,
         o_bias=attn_bias,
@@ -100,6 +115,17 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
     )
+
+
+def _sliding_window(hf: Any) -> int | None:
+    """The attention window if any layer uses one (Mistral v0.1, Qwen2 with ``use_sliding_window``)."""
+    window = getattr(hf, "sliding_window", None)
+    if not window or not getattr(hf, "use_sliding_window", True):
+        return None
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 def _tokenizer_facts(tok: Any, eos_ids: list[int]) -> tuple[str, dict[str, Any], str | None]:

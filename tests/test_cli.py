@@ -46,6 +46,40 @@ def test_convert_bad_inputs(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_convert_a_hugging_face_folder(tmp_path):
+    """The user's usual source: a transformers folder (config.json, safetensors, tokenizer files).
+
+    A Mistral config with a sliding window and YaRN: the bundle's context is capped at the window
+    (said on stderr), and the lowered file passes the parity gate against the canonical decoder,
+    which ``test_model`` checks against transformers for both features.
+    """
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    from edgelm.converters.sources import TINY_CHAT_TEMPLATE, tiny_tokenizer_json
+
+    folder = tmp_path / "hf-model"
+    cfg = transformers.MistralConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=40, eos_token_id=256,
+        rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128})
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(cfg).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer_json()),
+                                         eos_token="<|im_end|>", chat_template=TINY_CHAT_TEMPLATE
+                                         ).save_pretrained(folder)
+    out = tmp_path / "bundle"
+    proc = edgelm("convert", folder, "-f", "onnx", "--max-context", "64", "-o", out, check=True)
+    assert "sliding window of 40 tokens" in proc.stderr
+    manifest = json.loads((out / "edgelm.json").read_text())
+    assert manifest["max_context"] == 40
+    assert manifest["model"]["rope_scaling"]["rope_type"] == "yarn"
+    assert manifest["verification"]["parity"]["passed"] is True
+    run = edgelm("run", out, "hello", "--max-new-tokens", "5", "--stats", check=True)
+    assert "tokens/s" in run.stderr + run.stdout
+
+
 def test_changed_and_missing_files_are_refused(tiny_pte, tmp_path):
     b = tmp_path / "copy"
     shutil.copytree(tiny_pte, b)

@@ -13,8 +13,10 @@ from edgelm.converters.sources import config_from_hf, tiny_config
 def _hf_pair(model_type: str, **kw):
     import transformers
 
-    cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-    cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[model_type]
+    cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "mistral": transformers.MistralConfig}[model_type]
+    cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "mistral": transformers.MistralForCausalLM}[model_type]
     hf_cfg = cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
     torch.manual_seed(0)
@@ -32,6 +34,13 @@ def _hf_pair(model_type: str, **kw):
                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     ("qwen2", {"tie_word_embeddings": False}),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 64,
+                                "beta_fast": 16, "mscale": 0.8, "mscale_all_dim": 0.5, "truncate": False}}),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+                                "attention_factor": 1.3}}),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    ("mistral", {"sliding_window": None}),
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
@@ -47,6 +56,31 @@ def test_config_from_hf_reads_qwen_bias_and_llama3_rope():
     hf, model = _hf_pair("qwen2")
     assert model.cfg.qkv_bias and model.layers[0].attn.wq.bias is not None
     assert model.cfg.arch == "qwen2"
+
+
+def test_sliding_window_caps_the_context_where_attention_stays_exact():
+    hf, model = _hf_pair("mistral", sliding_window=16)
+    assert model.cfg.max_context == 16  # asked for 64: past the window, full attention would differ
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.full_logits = True
+        got, _ = model(ids, torch.tensor([0]), model.empty_caches())
+    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+    hf, model = _hf_pair("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=3)
+    assert model.cfg.max_context == 64  # max_window_layers=3 of 3: no layer slides
+
+
+def test_unsupported_rope_scaling_is_a_clear_source_error():
+    import transformers
+
+    from edgelm.errors import SourceError
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=256)
+    hf_cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(SourceError, match="RoPE scaling 'longrope' is not supported"):
+        config_from_hf(hf_cfg, max_context=64)
 
 
 def _run_stateful(model, ids, chunks):
