@@ -145,7 +145,9 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
             if opts.target is not None:
                 from edgelm.targets import check_memory
 
-                check_memory(opts.target, source.config, opts.scheme, source.config.max_context)
+                for fmt in formats:  # each runtime keeps its own copies of the weights
+                    check_memory(opts.target, source.config, opts.scheme, source.config.max_context, fmt,
+                                 opts.prefill_lengths)
         if compressing:  # compression (issue 5): a smaller plain model, lowered like any other
             from edgelm.converters.compress.recipe import compress_source
 

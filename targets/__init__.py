@@ -28,6 +28,7 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,7 +46,7 @@ from edgelm.config import ModelConfig
 from edgelm.errors import EdgeLMError
 
 __all__ = [
-    "FORMATS", "SCHEMES", "ARCHITECTURES", "TRANSPORTS", "FEATURES", "TargetError",
+    "FORMATS", "SCHEMES", "FORMAT_SCHEMES", "ARCHITECTURES", "TRANSPORTS", "FEATURES", "TargetError",
     "Device", "Convert", "Runtime", "Deploy", "Profile", "MemoryEstimate",
     "list_profiles", "load_profile", "profile_to_dict", "profile_from_dict", "apply_profile",
     "estimate_memory", "check_memory",
@@ -53,6 +54,8 @@ __all__ = [
 
 FORMATS = ("pte", "onnx", "tflite")
 SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
+#: The schemes each format's lowering can do (the lowerings register the same; a test compares them).
+FORMAT_SCHEMES = {"pte": ("fp32", "w8a8", "w4a8"), "onnx": SCHEMES, "tflite": ("fp32", "w8", "w8a8", "w4a8")}
 ARCHITECTURES = ("aarch64", "x86_64")
 TRANSPORTS = ("local", "ssh", "adb", "qemu-arm64")
 FEATURES = {
@@ -478,8 +481,14 @@ def apply_profile(profile: Profile, *, format: str | None = None, scheme: str | 
 
 # --------------------------------------------------------------------------- memory check
 
-RUNTIME_FIXED_BYTES = 64 * MB  # interpreter, runtime library, thread pool, tokenizer
-RUNTIME_WEIGHT_FRACTION = 0.10  # of the weights: repacked/duplicated weights in the runtime, allocator slack
+#: What the runtime process holds before any weight: Python with numpy, tokenizers and the format's
+#: runtime library. Measured peak RSS on x86-64 (a tiny bundle loaded, 8 tokens generated): pte 370 MB
+#: (ExecuTorch's Python bindings load torch), onnx 72 MB, tflite 54 MB; rounded up.
+RUNTIME_BASE_BYTES = {"pte": 384 * MB, "onnx": 80 * MB, "tflite": 64 * MB}
+#: The runtime's working copy of the weights, as a share of the stored weights, fp32 / quantized
+#: (see :func:`weight_copies_bytes`).
+PTE_PACKED_SHARE = {"fp32": 0.6, "quantized": 0.3}
+ONNX_PREPACKED_SHARE = {"fp32": 0.5, "quantized": 0.0}
 SCALE_BYTES = 4  # one fp32 scale per output channel (8-bit) or per group (4-bit)
 _WEIGHT_BITS = {"fp32": 32, "w8": 8, "w8a8": 8, "w8a8-static": 8, "w4a8": 4}
 _STRONGER = ("w8a8", "w4a8")  # smaller weights, in the order to try (w8 and w8a8-static weigh what w8a8 does)
@@ -490,20 +499,23 @@ class MemoryEstimate:
     """Bytes a converted model needs on the device, by part, against the profile's budget."""
 
     target: str
+    format: str
     scheme: str
     max_context: int
     parameters: int
     weights_bytes: int
     kv_cache_bytes: int
     activations_bytes: int
-    runtime_bytes: int
+    runtime_bytes: int  # the runtime process itself (RUNTIME_BASE_BYTES)
+    copies_bytes: int  # the runtime's working copies of the weights (weight_copies_bytes)
     budget_bytes: int
     memory_mb: int
     usable_fraction: float
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.activations_bytes + self.runtime_bytes
+        return (self.weights_bytes + self.copies_bytes + self.kv_cache_bytes + self.activations_bytes
+                + self.runtime_bytes)
 
     @property
     def fits(self) -> bool:
@@ -515,10 +527,10 @@ class MemoryEstimate:
 
     def summary(self) -> str:
         return (f"{self.parameters / 1e6:.1f} M parameters at {self.scheme} with max_context {self.max_context} "
-                f"need ~{_mb(self.total_bytes)} (weights {_mb(self.weights_bytes)}, KV cache "
-                f"{_mb(self.kv_cache_bytes)}, activations {_mb(self.activations_bytes)}, runtime "
-                f"{_mb(self.runtime_bytes)}); {self.target} allows {_mb(self.budget_bytes)} "
-                f"({self.usable_fraction:.0%} of {self.memory_mb} MB)")
+                f"need ~{_mb(self.total_bytes)} as {self.format} (weights {_mb(self.weights_bytes)}, the "
+                f"runtime's copies of them {_mb(self.copies_bytes)}, KV cache {_mb(self.kv_cache_bytes)}, "
+                f"activations {_mb(self.activations_bytes)}, runtime {_mb(self.runtime_bytes)}); {self.target} "
+                f"allows {_mb(self.budget_bytes)} ({self.usable_fraction:.0%} of {self.memory_mb} MB)")
 
 
 def _mb(n: float) -> str:
@@ -564,9 +576,51 @@ def weights_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32) -> int:
     return total
 
 
-def kv_cache_bytes(cfg: ModelConfig, max_context: int) -> int:
-    """fp32 K and V caches of every layer, ``max_context`` positions long (the cache is static)."""
-    return 2 * sum(kv * cfg.head_dim for kv in cfg.n_kv_heads) * max_context * 4
+def weight_copies_bytes(cfg: ModelConfig, fmt: str, scheme: str, group_size: int = 32,
+                        signatures: int = 3) -> int:
+    """Bytes of the runtime's own copies of the weights, on top of the model file's.
+
+    Each runtime rearranges the weights for its kernels. Measured as the peak RSS of
+    SmolLM2-135M bundles after a chat prompt and 8 tokens, less the runtime process, the file's
+    weights, the KV cache and the activations:
+
+    * ``pte``: XNNPACK packs every delegated weight once (prefill and decode share the copy
+      through its weight cache) and frees the constants it packed: 0.54x the weights at fp32,
+      0.07-0.29x quantized.
+    * ``onnx``: ONNX Runtime pre-packs fp32 matmul weights (0.48x); the quantized matmuls read
+      the file's weights. ``w8`` keeps activations float by dequantizing the int8 weights at
+      load: a whole fp32 copy.
+    * ``tflite``: the Interpreter's XNNPACK delegate packs the weights once per signature
+      (``signatures``: decode plus one per prefill length). ``w8`` dequantizes them to fp32
+      first and packs that: about two fp32 copies per signature.
+    """
+    if fmt not in _WEIGHT_COPIES:
+        raise TargetError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return _WEIGHT_COPIES[fmt](weights_bytes(cfg, scheme, group_size), weights_bytes(cfg, "fp32"), scheme,
+                               signatures)
+
+
+def _pte_copies(w: int, fp32: int, scheme: str, signatures: int) -> int:
+    return int(PTE_PACKED_SHARE["fp32" if scheme == "fp32" else "quantized"] * w)
+
+
+def _onnx_copies(w: int, fp32: int, scheme: str, signatures: int) -> int:
+    return fp32 if scheme == "w8" else int(ONNX_PREPACKED_SHARE["fp32" if scheme == "fp32" else "quantized"] * w)
+
+
+def _tflite_copies(w: int, fp32: int, scheme: str, signatures: int) -> int:
+    return signatures * (2 * fp32 if scheme == "w8" else w)
+
+
+_WEIGHT_COPIES = {"pte": _pte_copies, "onnx": _onnx_copies, "tflite": _tflite_copies}
+
+
+def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1) -> int:
+    """fp32 K and V caches of every layer, ``max_context`` positions long (the cache is static).
+
+    ``copies``: a tflite bundle keeps one per signature, since each signature's cache inputs are
+    its own tensors (the backend brings a prefill signature's copy up to date when it runs)."""
+    return 2 * sum(kv * cfg.head_dim for kv in cfg.n_kv_heads) * max_context * 4 * copies
 
 
 def activations_bytes(cfg: ModelConfig, max_context: int, max_prefill: int) -> int:
@@ -578,33 +632,44 @@ def activations_bytes(cfg: ModelConfig, max_context: int, max_prefill: int) -> i
 
 
 def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | None = None,
-                    max_context: int | None = None) -> MemoryEstimate:
-    """What ``model_config`` needs on ``profile``'s device (defaults: the profile's scheme and max_context)."""
+                    max_context: int | None = None, fmt: str | None = None,
+                    prefill_lengths: tuple[int, ...] | list[int] | None = None) -> MemoryEstimate:
+    """What ``model_config`` needs on ``profile``'s device (defaults: the profile's preferred format,
+    scheme, max_context and prefill lengths)."""
     scheme = scheme or profile.convert.scheme
+    fmt = fmt or profile.format
     max_context = profile.convert.max_context if max_context is None else max_context
     if scheme not in SCHEMES:
         raise TargetError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    if fmt not in FORMATS:
+        raise TargetError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if max_context < MIN_CONTEXT:
         raise TargetError(f"max_context must be >= {MIN_CONTEXT}, got {max_context}")
-    w = weights_bytes(model_config, scheme, profile.convert.group_size)
+    max_prefill = min(profile.convert.max_prefill, max_context)
+    if not prefill_lengths:
+        prefill_lengths = [n for n in profile.convert.prefill_lengths if n <= max_context] or [max_prefill]
+    signatures = 1 + len({min(n, max_prefill) for n in prefill_lengths})
+    group = profile.convert.group_size
     return MemoryEstimate(
-        target=profile.name, scheme=scheme, max_context=max_context, parameters=model_config.num_parameters(),
-        weights_bytes=w, kv_cache_bytes=kv_cache_bytes(model_config, max_context),
-        activations_bytes=activations_bytes(model_config, max_context, profile.convert.max_prefill),
-        runtime_bytes=RUNTIME_FIXED_BYTES + int(RUNTIME_WEIGHT_FRACTION * w),
+        target=profile.name, format=fmt, scheme=scheme, max_context=max_context,
+        parameters=model_config.num_parameters(), weights_bytes=weights_bytes(model_config, scheme, group),
+        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1),
+        activations_bytes=activations_bytes(model_config, max_context, max_prefill),
+        runtime_bytes=RUNTIME_BASE_BYTES[fmt],
+        copies_bytes=weight_copies_bytes(model_config, fmt, scheme, group, signatures),
         budget_bytes=profile.device.budget_bytes, memory_mb=profile.device.memory_mb,
         usable_fraction=profile.device.usable_fraction,
     )
 
 
-def _largest_context(profile: Profile, cfg: ModelConfig, scheme: str, below: int) -> int | None:
-    """The largest max_context (a multiple of 16, < ``below``) that fits, or None."""
+def _largest_context(at: Callable[..., MemoryEstimate], scheme: str, below: int) -> int | None:
+    """The largest max_context (a multiple of 16, < ``below``) at which ``at(scheme=, ctx=)`` fits, or None."""
     lo, hi = MIN_CONTEXT // 16, (below - 1) // 16
-    if hi < lo or not estimate_memory(profile, cfg, scheme, lo * 16).fits:
+    if hi < lo or not at(scheme=scheme, ctx=lo * 16).fits:
         return None
     while lo < hi:  # memory grows with max_context: binary search
         mid = (lo + hi + 1) // 2
-        if estimate_memory(profile, cfg, scheme, mid * 16).fits:
+        if at(scheme=scheme, ctx=mid * 16).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -612,20 +677,21 @@ def _largest_context(profile: Profile, cfg: ModelConfig, scheme: str, below: int
 
 
 def _prunable_to(est: MemoryEstimate) -> int:
-    """Parameters that would fit at the same scheme and max_context (weights scale with parameters)."""
-    room = est.budget_bytes - est.kv_cache_bytes - est.activations_bytes - RUNTIME_FIXED_BYTES
-    per_param = est.weights_bytes * (1 + RUNTIME_WEIGHT_FRACTION) / est.parameters
+    """Parameters that would fit at the same format, scheme and max_context (weights and their
+    copies scale with parameters)."""
+    room = est.budget_bytes - est.kv_cache_bytes - est.activations_bytes - est.runtime_bytes
+    per_param = (est.weights_bytes + est.copies_bytes) / est.parameters
     return max(0, int(room / per_param))
 
 
-def _prune_ideas(profile: Profile, cfg: ModelConfig, est: MemoryEstimate) -> tuple[list[str], int]:
+def _prune_ideas(at: Callable[..., MemoryEstimate], est: MemoryEstimate) -> tuple[list[str], int]:
     """Parameter counts that would fit at the scheme asked for and at w4a8, at the asked max_context
     or, when the KV cache alone is too big for that, at the longest halved context that leaves room."""
     ctx = est.max_context
     while ctx >= MIN_CONTEXT:
         out = []
         for s in dict.fromkeys((est.scheme, "w4a8")):
-            n = _prunable_to(estimate_memory(profile, cfg, s, ctx))
+            n = _prunable_to(at(scheme=s, ctx=ctx))
             if 0 < n < est.parameters:
                 out.append(f"about {_params(n)} parameters at {s}")
         if out:
@@ -639,42 +705,49 @@ def _params(n: int) -> str:
 
 
 def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None = None,
-                 max_context: int | None = None) -> MemoryEstimate:
+                 max_context: int | None = None, fmt: str | None = None,
+                 prefill_lengths: tuple[int, ...] | list[int] | None = None) -> MemoryEstimate:
     """Estimate what the model needs on the device and raise :class:`TargetError` if it does not fit.
 
     Budget: ``device.memory_mb * device.usable_fraction``. Need: weights (see
-    :func:`weights_bytes`) + fp32 KV cache (``2 * sum(n_kv_heads * head_dim) * max_context * 4``)
-    + activations of one prefill chunk + runtime (64 MB fixed + 10% of the weights). The error
-    says what would fit: the largest max_context, a stronger scheme, or the parameter count
-    to prune to.
+    :func:`weights_bytes`) + the runtime's copies of them (:func:`weight_copies_bytes`, by format)
+    + fp32 KV cache (``2 * sum(n_kv_heads * head_dim) * max_context * 4``) + activations of one
+    prefill chunk + the runtime process (``RUNTIME_BASE_BYTES``, by format). The error says what
+    would fit: the largest max_context, a smaller scheme, another of the profile's formats, or the
+    parameter count to prune to.
     """
-    est = estimate_memory(profile, model_config, scheme, max_context)
+    est = estimate_memory(profile, model_config, scheme, max_context, fmt, prefill_lengths)
     if est.fits:
         return est
+
+    def at(scheme: str = est.scheme, ctx: int = est.max_context, fmt: str = est.format) -> MemoryEstimate:
+        return estimate_memory(profile, model_config, scheme, ctx, fmt, prefill_lengths)
+
     ideas = []
-    ctx = _largest_context(profile, model_config, est.scheme, est.max_context)
+    ctx = _largest_context(at, est.scheme, est.max_context)
     if ctx is not None:
         ideas.append(f"--max-context {ctx} (the largest that fits at {est.scheme})")
     else:
-        fixed = est.weights_bytes + RUNTIME_FIXED_BYTES + int(RUNTIME_WEIGHT_FRACTION * est.weights_bytes)
+        fixed = est.weights_bytes + est.copies_bytes + est.runtime_bytes
         ideas.append(f"no --max-context helps at {est.scheme} (weights and runtime alone need ~{_mb(fixed)})")
-    bits = _WEIGHT_BITS[est.scheme]
-    stronger = [s for s in _STRONGER if _WEIGHT_BITS[s] < bits]
-    whole = [s for s in stronger if estimate_memory(profile, model_config, s, est.max_context).fits]
-    shorter = [(s, c) for s in stronger
-               if (c := _largest_context(profile, model_config, s, est.max_context)) is not None]
+    smaller = [s for s in _STRONGER if s != est.scheme and s in FORMAT_SCHEMES[est.format]
+               and at(scheme=s).total_bytes < est.total_bytes]
+    whole = [s for s in smaller if at(scheme=s).fits]
+    shorter = [(s, c) for s in smaller if (c := _largest_context(at, s, est.max_context)) is not None]
     if whole:  # the least lossy scheme that fits the whole context
-        alt = estimate_memory(profile, model_config, whole[0], est.max_context)
-        ideas.append(f"--scheme {whole[0]} (needs ~{_mb(alt.total_bytes)})")
+        ideas.append(f"--scheme {whole[0]} (needs ~{_mb(at(scheme=whole[0]).total_bytes)})")
     elif shorter:
         ideas.append(f"--scheme {shorter[0][0]} with --max-context {shorter[0][1]}")
-    elif stronger:
-        w4 = estimate_memory(profile, model_config, "w4a8", est.max_context)
-        ideas.append(f"no stronger scheme fits (w4a8 needs ~{_mb(w4.total_bytes)})")
-    prune, prune_ctx = _prune_ideas(profile, model_config, est)
+    elif smaller:
+        ideas.append(f"no smaller scheme fits (w4a8 needs ~{_mb(at(scheme='w4a8').total_bytes)})")
+    other = [f for f in profile.convert.formats
+             if f != est.format and est.scheme in FORMAT_SCHEMES[f] and at(fmt=f).fits]
+    if other:  # the same scheme in a runtime that keeps fewer copies (tflite packs per signature)
+        ideas.append(f"--format {other[0]} (needs ~{_mb(at(fmt=other[0]).total_bytes)})")
+    prune, prune_ctx = _prune_ideas(at, est)
     if prune:
-        at = f" with --max-context {prune_ctx}" if prune_ctx != est.max_context else ""
-        ideas.append(f"prune the model to {' or '.join(prune)}{at} (now {_params(est.parameters)})")
+        at_ctx = f" with --max-context {prune_ctx}" if prune_ctx != est.max_context else ""
+        ideas.append(f"prune the model to {' or '.join(prune)}{at_ctx} (now {_params(est.parameters)})")
     ideas.append(f"or a target with more memory (your own .toml with extends = \"{profile.name}\" "
                  "and a larger [device] memory_mb)")
     raise TargetError(f"the model does not fit {profile.name}: {est.summary()}. What would fit: "

@@ -28,6 +28,7 @@ from edgelm.targets import (
     profile_from_dict,
     profile_to_dict,
 )
+from tests.conftest import requires_smollm2
 
 BUILTINS = ["android-arm64", "arm64-generic", "raspberry-pi-4", "raspberry-pi-5", "x86-64"]
 
@@ -314,7 +315,7 @@ def test_7b_does_not_fit_a_pi4_and_says_what_would():
     msg = str(info.value)
     assert msg.startswith("the model does not fit raspberry-pi-4: 6738.4 M parameters at w8a8")
     assert "allows 3,072 MB (75% of 4096 MB)" in msg
-    assert "no stronger scheme fits (w4a8 needs" in msg
+    assert "no smaller scheme fits (w4a8 needs" in msg
     m = re.search(r"prune the model to about ([\d.]+) B parameters at w8a8 or about ([\d.]+) B parameters at w4a8",
                   msg)
     assert m, msg
@@ -343,9 +344,67 @@ def test_suggested_context_and_scheme_do_fit():
         check_memory(p, one_b, "w8a8", ctx + 16)
 
 
+def test_each_format_keeps_its_own_copies_of_the_weights():
+    p = load_profile("x86-64")
+    est = {(f, s): estimate_memory(p, SMOLLM2_135M, s, 2048, f, (32, 128)) for f in FORMATS for s in SCHEMES}
+    for s in ("fp32", "w8a8", "w4a8"):  # what all three do; tflite packs once per signature, pte once
+        assert est["tflite", s].copies_bytes > est["pte", s].copies_bytes > est["onnx", s].copies_bytes
+    assert est["tflite", "fp32"].copies_bytes == 3 * est["tflite", "fp32"].weights_bytes  # decode + 2 prefills
+    assert est["tflite", "w8"].total_bytes > est["tflite", "fp32"].total_bytes  # dequantized, then packed
+    assert est["onnx", "w8"].copies_bytes == est["onnx", "fp32"].weights_bytes
+    one_prefill = estimate_memory(p, SMOLLM2_135M, "fp32", 2048, "tflite", (128,))
+    assert one_prefill.copies_bytes == 2 * one_prefill.weights_bytes
+    assert est["pte", "fp32"].runtime_bytes > est["onnx", "fp32"].runtime_bytes  # torch comes with executorch
+
+
+def test_format_schemes_match_the_lowerings():
+    from edgelm.converters.lowering import supported_schemes
+    from edgelm.targets import FORMAT_SCHEMES
+
+    assert {f: tuple(supported_schemes(f)) for f in FORMATS} == FORMAT_SCHEMES
+
+
+def test_a_format_that_fits_is_suggested():
+    p = load_profile("raspberry-pi-4")  # 3 GB budget; formats onnx, tflite, pte
+    m350 = ModelConfig(arch="llama", vocab_size=49152, dim=960, n_layers=32, n_heads=15, n_kv_heads=5,
+                       ffn_dim=2560, head_dim=64, tie_embeddings=True)
+    assert check_memory(p, m350, "fp32", 1024, "onnx").fits
+    with pytest.raises(TargetError) as info:
+        check_memory(p, m350, "fp32", 1024, "tflite")  # three packed fp32 copies
+    msg = str(info.value)
+    assert "as tflite" in msg and "--format onnx (needs ~" in msg and "--scheme w8a8 (needs ~" in msg
+    with pytest.raises(TargetError) as info:  # pte would fit, but has no w8
+        check_memory(p, m350, "w8", 1024, "tflite")
+    assert "--format onnx (needs ~" in str(info.value) and "--format pte" not in str(info.value)
+
+
 def test_check_memory_rejects_bad_arguments():
     p = load_profile("raspberry-pi-5")
     with pytest.raises(TargetError, match="unknown scheme"):
         check_memory(p, SMOLLM2_135M, "int3")
     with pytest.raises(TargetError, match="max_context must be >= 16"):
         check_memory(p, SMOLLM2_135M, max_context=8)
+    with pytest.raises(TargetError, match="unknown format"):
+        check_memory(p, SMOLLM2_135M, fmt="coreml")
+
+
+
+@pytest.mark.integration
+@requires_smollm2
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_memory_estimate_matches_the_measured_peak(fmt, smollm2_bundles):
+    """The estimate a target check makes, against the peak RSS of the real fp32 bundle loading,
+    prefilling a chat prompt and generating in a fresh process (``scripts/memory_estimate.py``).
+    Before the estimate told the formats apart it said ~0.8 GB for each; tflite peaks at ~2.4 GB."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "memory_estimate.py"
+    out = subprocess.run([sys.executable, str(script), str(smollm2_bundles(fmt))], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = out.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
+    assert row[1:3] == [fmt, "fp32"], row
+    measured, estimated = float(row[3]), float(row[4])
+    assert measured > 600  # the child really loaded the 540 MB of weights
+    assert 0.85 < estimated / measured < 1.2, (fmt, estimated, measured)
