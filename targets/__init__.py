@@ -491,7 +491,7 @@ PTE_PACKED_SHARE = {"fp32": 0.6, "quantized": 0.3}
 ONNX_PREPACKED_SHARE = {"fp32": 0.5, "quantized": 0.0}
 SCALE_BYTES = 4  # one fp32 scale per output channel (8-bit) or per group (4-bit)
 _WEIGHT_BITS = {"fp32": 32, "w8": 8, "w8a8": 8, "w8a8-static": 8, "w4a8": 4}
-_STRONGER = ("w8a8", "w4a8")  # smaller weights, in the order to try (w8 and w8a8-static weigh what w8a8 does)
+_SMALLER = ("w8a8", "w4a8")  # smaller weights, in the order to try (w8 and w8a8-static weigh what w8a8 does)
 
 
 @dataclass
@@ -730,7 +730,7 @@ def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None
     else:
         fixed = est.weights_bytes + est.copies_bytes + est.runtime_bytes
         ideas.append(f"no --max-context helps at {est.scheme} (weights and runtime alone need ~{_mb(fixed)})")
-    smaller = [s for s in _STRONGER if s != est.scheme and s in FORMAT_SCHEMES[est.format]
+    smaller = [s for s in _SMALLER if s != est.scheme and s in FORMAT_SCHEMES[est.format]
                and at(scheme=s).total_bytes < est.total_bytes]
     whole = [s for s in smaller if at(scheme=s).fits]
     shorter = [(s, c) for s in smaller if (c := _largest_context(at, s, est.max_context)) is not None]
