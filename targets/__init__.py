@@ -645,10 +645,9 @@ def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | N
         raise TargetError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if max_context < MIN_CONTEXT:
         raise TargetError(f"max_context must be >= {MIN_CONTEXT}, got {max_context}")
-    max_prefill = min(profile.convert.max_prefill, max_context)
-    if not prefill_lengths:
-        prefill_lengths = [n for n in profile.convert.prefill_lengths if n <= max_context] or [max_prefill]
-    signatures = 1 + len({min(n, max_prefill) for n in prefill_lengths})
+    settings = apply_profile(profile, max_context=max_context, prefill_lengths=prefill_lengths or None)
+    max_prefill = settings["max_prefill"]
+    signatures = 1 + len({min(n, max_prefill) for n in settings["prefill_lengths"]})
     group = profile.convert.group_size
     return MemoryEstimate(
         target=profile.name, format=fmt, scheme=scheme, max_context=max_context,

@@ -28,6 +28,15 @@ def _hf_pair(model_type: str, **kw):
     return hf, build_decoder(cfg, state_dict_from_hf(hf.state_dict(), cfg))
 
 
+def _assert_logits_match(hf, model, n_tokens: int) -> None:
+    ids = torch.randint(0, 300, (1, n_tokens))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.full_logits = True
+        got, _ = model(ids, torch.tensor([0]), model.empty_caches())
+    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+
+
 @pytest.mark.parametrize("model_type,kw", [
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"tie_word_embeddings": False, "rope_theta": 500000.0,
@@ -44,12 +53,7 @@ def _hf_pair(model_type: str, **kw):
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
-    ids = torch.randint(0, 300, (1, 20))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        model.full_logits = True
-        got, _ = model(ids, torch.tensor([0]), model.empty_caches())
-    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+    _assert_logits_match(hf, model, 20)
 
 
 def test_config_from_hf_reads_qwen_bias_and_llama3_rope():
@@ -61,12 +65,7 @@ def test_config_from_hf_reads_qwen_bias_and_llama3_rope():
 def test_sliding_window_caps_the_context_where_attention_stays_exact():
     hf, model = _hf_pair("mistral", sliding_window=16)
     assert model.cfg.max_context == 16  # asked for 64: past the window, full attention would differ
-    ids = torch.randint(0, 300, (1, 16))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        model.full_logits = True
-        got, _ = model(ids, torch.tensor([0]), model.empty_caches())
-    assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
+    _assert_logits_match(hf, model, 16)
     hf, model = _hf_pair("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=3)
     assert model.cfg.max_context == 64  # max_window_layers=3 of 3: no layer slides
 
