@@ -1,8 +1,10 @@
-"""The canonical decoder: one export-friendly definition for the Llama family and Qwen2.
+"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2 and GPT-2.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
-models stay plain models) and a static KV cache of ``max_context`` positions.
+models stay plain models) and a static KV cache of ``max_context`` positions. GPT-2
+swaps three parts (:class:`edgelm.config.ModelConfig` says which): LayerNorm for RMSNorm,
+a learned position embedding for the rotary one, and a GELU MLP for SwiGLU.
 
 The cache has two modes on the same weights:
 
@@ -120,6 +122,30 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(F.linear(x * x, self.inv_dim) + self.eps) * self.weight
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm (with bias) whose two means are linear layers, as in :class:`RMSNorm`.
+
+    ``nn.LayerNorm`` would lower to a ``native_layer_norm`` op; the linears keep every
+    format's graph on the same few delegated ops as the RMSNorm models.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - F.linear(x, self.inv_dim)
+        return x * torch.rsqrt(F.linear(x * x, self.inv_dim) + self.eps) * self.weight + self.bias
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    """The config's normalization: LayerNorm for GPT-2, RMSNorm otherwise."""
+    return LayerNorm(dim, cfg.norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.norm_eps)
+
+
 def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     """P with ``x @ P == cat(-x[..., D/2:], x[..., :D/2])`` (rotate-half as a matmul);
     ``F.linear(x, P.T)`` is the same product."""
@@ -166,6 +192,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
+        self.rope = not cfg.learned_positions
         p = f"layers.{layer}.attn."
         self.wq = make_linear(cfg, p + "wq", cfg.qkv_bias)
         self.wk = make_linear(cfg, p + "wk", cfg.qkv_bias)
@@ -187,9 +214,11 @@ class Attention(nn.Module):
 
     def _qkv(self, x, cos, sin, rot):
         b = x.shape[0]  # -1 for the sequence axis: XNNPACK reshapes with one inferred dim, not a symbolic one
-        q = apply_rope(self.wq(x).view(b, -1, self.n_heads, self.hd), cos, sin, rot)
-        k = apply_rope(self.wk(x).view(b, -1, self.n_kv, self.hd), cos, sin, rot)
+        q = self.wq(x).view(b, -1, self.n_heads, self.hd)
+        k = self.wk(x).view(b, -1, self.n_kv, self.hd)
         v = self.wv(x).view(b, -1, self.n_kv, self.hd)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
         return q, k, v
 
     def _attend(self, q, keys, values, mask):
@@ -226,24 +255,34 @@ class Attention(nn.Module):
         return self.wo(self._attend(q, keys, values, mask)), (k, v)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU ("gelu_new"), the tanh approximation, written out: ExecuTorch's XNNPACK
+    delegate lowers ``gelu(approximate="tanh")`` to its exact (erf) GELU, 1e-3 off in the logits."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         p = f"layers.{layer}.mlp."
-        self.w_gate = make_linear(cfg, p + "w_gate", cfg.mlp_bias)
+        self.gated = cfg.gated_mlp
+        if self.gated:
+            self.w_gate = make_linear(cfg, p + "w_gate", cfg.mlp_bias)
         self.w_up = make_linear(cfg, p + "w_up", cfg.mlp_bias)
         self.w_down = make_linear(cfg, p + "w_down", cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        if self.gated:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(gelu_tanh(self.w_up(x)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp_norm = make_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg, layer)
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
@@ -266,17 +305,24 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # GPT-2: a learned embedding per position (only the first max_context rows are kept)
+        self.pos_embeddings = nn.Embedding(cfg.max_context, cfg.dim) if cfg.learned_positions else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.dim)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
-        freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
-        scale = rope_attention_scale(cfg)
-        self.register_buffer("rope_cos", (freqs.cos() * scale).float(), persistent=False)
-        self.register_buffer("rope_sin", (freqs.sin() * scale).float(), persistent=False)
-        self.register_buffer("rope_rot", rotate_half_matrix(cfg.head_dim).T.contiguous(), persistent=False)
+        if cfg.learned_positions:
+            cos = sin = rot = None
+        else:
+            freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
+            freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
+            scale = rope_attention_scale(cfg)
+            cos, sin = (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
+            rot = rotate_half_matrix(cfg.head_dim).T.contiguous()
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_rot", rot, persistent=False)
         self.full_logits = False
         # functional mode only: attend to cache rows [0, start_pos) plus the new rows instead of all
         # max_context (a data-dependent shape: for dynamic-shape exporters such as ONNX, not TFLite)
@@ -308,17 +354,21 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, caches=None):
         s = tokens.shape[1]
         t = self.cfg.max_context
+        rope = self.pos_embeddings is None
+        cos = sin = None
         if self.impl == "executorch":
             start_pos = input_pos[0].item()
             torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
-            cos = self.rope_cos.narrow(0, start_pos, s).unsqueeze(1)
-            sin = self.rope_sin.narrow(0, start_pos, s).unsqueeze(1)
+            if rope:
+                cos = self.rope_cos.narrow(0, start_pos, s).unsqueeze(1)
+                sin = self.rope_sin.narrow(0, start_pos, s).unsqueeze(1)
             pos = mask = None
         else:
             start_pos = None
             pos = input_pos[0] + torch.arange(s, dtype=torch.long)
-            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            if rope:
+                cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
             if self.window_attention and caches is not None:  # attend to the filled rows only
                 start_pos = input_pos[0].item()
                 torch._check(start_pos >= 0)
@@ -327,6 +377,8 @@ class Decoder(nn.Module):
             allowed = torch.arange(t, dtype=torch.long)[None, :] <= pos[:, None]
             mask = torch.where(allowed, 0.0, float("-inf"))
         x = self.tok_embeddings(tokens)
+        if not rope:
+            x = x + self.pos_embeddings(input_pos[0] + torch.arange(s, dtype=torch.long) if pos is None else pos)
         new_rows = []
         for i, block in enumerate(self.layers):
             x, kv = block(x, cos, sin, self.rope_rot, pos, mask, start_pos, None if caches is None else caches[i])
@@ -339,7 +391,9 @@ class Decoder(nn.Module):
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face Llama/Qwen2 state dict to the canonical names."""
+    """Rename a Hugging Face Llama/Qwen2 (or GPT-2) state dict to the canonical names."""
+    if cfg.arch == "gpt2":
+        return _state_dict_from_gpt2(sd, cfg)
     names = {
         "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
         "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
@@ -365,6 +419,38 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
+def _state_dict_from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2's names, fused q/k/v and ``Conv1D`` weights ([in, out], the transpose of a linear's)."""
+    norms = {"ln_1": "attn_norm", "ln_2": "mlp_norm"}
+    conv = {"attn.c_proj": "attn.wo", "mlp.c_fc": "mlp.w_up", "mlp.c_proj": "mlp.w_down"}
+    d = cfg.dim
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        k = key.removeprefix("transformer.")
+        if k == "wte.weight":
+            out["tok_embeddings.weight"] = value
+        elif k == "wpe.weight":  # every trained position: build_decoder keeps the first max_context
+            out["pos_embeddings.weight"] = value
+        elif k.startswith("ln_f."):
+            out["norm." + k.split(".", 1)[1]] = value
+        elif key == "lm_head.weight":
+            out["output.weight"] = value
+        elif k.startswith("h."):
+            _, idx, rest = k.split(".", 2)
+            mod, param = rest.rsplit(".", 1)
+            p = f"layers.{idx}."
+            if mod in norms:
+                out[p + f"{norms[mod]}.{param}"] = value
+            elif mod == "attn.c_attn":  # [d, 3d] weight, [3d] bias: q, k, v side by side
+                for name, part in zip(("wq", "wk", "wv"), value.split(d, dim=-1)):
+                    out[p + f"attn.{name}.{param}"] = part.T.contiguous() if param == "weight" else part.clone()
+            elif mod in conv:
+                out[p + f"{conv[mod]}.{param}"] = value.T.contiguous() if param == "weight" else value
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
 def build_decoder(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None) -> Decoder:
     """A :class:`Decoder` in eval mode, with ``state_dict`` (canonical names) loaded strictly."""
     model = Decoder(cfg)
@@ -373,6 +459,12 @@ def build_decoder(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None =
         if cfg.tie_embeddings:
             sd.pop("output.weight", None)
             sd["output.weight"] = sd["tok_embeddings.weight"]
+        if cfg.learned_positions and "pos_embeddings.weight" in sd:
+            rows = sd["pos_embeddings.weight"]
+            if rows.shape[0] < cfg.max_context:
+                raise ValueError(f"the model has learned positions for {rows.shape[0]} tokens, "
+                                 f"fewer than max_context {cfg.max_context}")
+            sd["pos_embeddings.weight"] = rows[: cfg.max_context]
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")

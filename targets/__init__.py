@@ -562,17 +562,21 @@ def weights_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32) -> int:
     total = 4 * v * d if scheme == "fp32" else v * d + SCALE_BYTES * v
     if not (cfg.tie_embeddings and scheme == "fp32"):
         total += _linear_bytes(v, d, scheme, group_size)
-    total += 4 * d  # final norm
-    for h, kv, f in zip(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, strict=True):
-        for out_f, in_f in ((h * hd, d), (kv * hd, d), (kv * hd, d), (d, h * hd), (f, d), (f, d), (d, f)):
+    norm = 4 * d * (2 if cfg.layer_norm else 1)  # weight (and LayerNorm's bias)
+    total += norm  # final norm
+    if cfg.learned_positions:  # GPT-2's position table: a lookup like the token embedding
+        total += 4 * cfg.max_context * d if scheme == "fp32" else cfg.max_context * (d + SCALE_BYTES)
+    for i, (h, kv, f) in enumerate(zip(cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, strict=True)):
+        for name in cfg.block_linears(i):
+            in_f, out_f = cfg.linear_shape(name)
             total += _linear_bytes(out_f, in_f, scheme, group_size)
-        total += 4 * 2 * d  # two norms
+        total += 2 * norm
         if cfg.qkv_bias:
             total += 4 * (h + 2 * kv) * hd
         if cfg.o_bias:
             total += 4 * d
         if cfg.mlp_bias:
-            total += 4 * (2 * f + d)
+            total += 4 * ((2 if cfg.gated_mlp else 1) * f + d)
     return total
 
 

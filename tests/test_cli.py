@@ -80,6 +80,41 @@ def test_convert_a_hugging_face_folder(tmp_path):
     assert "tokens/s" in run.stderr + run.stdout
 
 
+def test_convert_a_gpt2_folder_to_every_format(tmp_path):
+    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights) from a transformers folder:
+    every format's bundle generates transformers' own greedy tokens."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    from edgelm.converters.sources import tiny_tokenizer_json
+    from edgelm.runtime import Engine
+
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=96, bos_token_id=256, eos_token_id=256)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # away from init, so greedy tokens depend on the prompt
+    hf.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer_json()),
+                                         eos_token="<|im_end|>").save_pretrained(folder)
+    out = tmp_path / "bundles"
+    edgelm("convert", folder, "-f", "all", "--max-context", "64", "-o", out, check=True)
+    prompt = "The lighthouse keeper"
+    for fmt in ("pte", "onnx", "tflite"):
+        engine = Engine.load(out / fmt, threads=2)
+        assert engine.manifest.model.arch == "gpt2" and engine.manifest.verification["parity"]["passed"]
+        ids = engine.encode_prompt(prompt)
+        got = list(engine.generate_ids(ids, max_new_tokens=24))
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               max_new_tokens=24, do_sample=False, eos_token_id=256, pad_token_id=0)
+        want = [t for t in want[0, len(ids):].tolist() if t != 256]
+        assert got == want and len(got) > 8, fmt
+
+
 def test_changed_and_missing_files_are_refused(tiny_pte, tmp_path):
     b = tmp_path / "copy"
     shutil.copytree(tiny_pte, b)

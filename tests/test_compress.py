@@ -132,6 +132,27 @@ def test_svd_full_rank_reproduces_and_low_rank_only_where_smaller(src):
     torch.testing.assert_close(logits(cfg2, sd2, x), logits(cfg, sd, x))
 
 
+def test_gpt2_prunes_and_factors_exactly(calib):
+    """GPT-2's ungated MLP (w_up, w_down) and biased MHA go through the same pruning and SVD."""
+    src = load_tiny(n_layers=2, arch="gpt2", n_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True)
+    sd = dict(src.state_dict)
+    assert "layers.0.mlp.w_gate.weight" not in sd and sd["pos_embeddings.weight"].shape == (128, 64)
+    for i in range(2):  # FFN channels 0-31 and heads 1, 3 write nothing
+        down, wo = sd[f"layers.{i}.mlp.w_down.weight"].clone(), sd[f"layers.{i}.attn.wo.weight"].clone()
+        down[:, :32] = 0
+        wo[:, 16:32] = wo[:, 48:64] = 0
+        sd[f"layers.{i}.mlp.w_down.weight"], sd[f"layers.{i}.attn.wo.weight"] = down, wo
+    cfg, new, _, _ = structured_prune(src.config, sd, calib, ffn=0.25, heads=0.5, multiple_of=1)
+    assert cfg.ffn_dim == [96, 96] and cfg.n_heads == cfg.n_kv_heads == [2, 2]
+    assert new["layers.0.mlp.w_up.bias"].shape == (96,) and new["layers.0.attn.wk.bias"].shape == (32,)
+    x = tokens()
+    torch.testing.assert_close(logits(cfg, new, x), logits(src.config, sd, x), atol=1e-5, rtol=1e-5)
+    assert parameter_count(build_decoder(cfg, new)) == cfg.num_parameters()
+    cfg2, sd2, report = low_rank(cfg, new, budget=0.5, targets="mlp")
+    assert set(cfg2.low_rank) == {f"layers.{i}.mlp.{p}" for i in range(2) for p in ("w_up", "w_down")}
+    assert parameter_count(build_decoder(cfg2, sd2)) == cfg2.num_parameters() < cfg.num_parameters()
+
+
 def _pruned_pair(src, calib):
     teacher = build_decoder(src.config, src.state_dict)
     cfg, sd, layer_map, _ = structured_prune(src.config, src.state_dict, calib, heads=0.5, ffn=0.5, multiple_of=8)

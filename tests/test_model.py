@@ -82,6 +82,50 @@ def test_unsupported_rope_scaling_is_a_clear_source_error():
         config_from_hf(hf_cfg, max_context=64)
 
 
+def _gpt2_pair(n_positions: int = 96, max_context: int = 64, **kw):
+    import transformers
+
+    hf_cfg = transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=3, n_head=4, n_positions=n_positions,
+                                     bos_token_id=0, eos_token_id=0, **kw)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    cfg = config_from_hf(hf.config, max_context=max_context)
+    return hf, cfg, state_dict_from_hf(hf.state_dict(), cfg)
+
+
+def test_gpt2_logits_match_transformers():
+    """GPT-2: LayerNorm, learned positions, fused Conv1D q/k/v, tanh GELU, biases everywhere."""
+    hf, cfg, sd = _gpt2_pair()
+    assert (cfg.arch, cfg.layer_norm, cfg.learned_positions, cfg.gated_mlp) == ("gpt2", True, True, False)
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters()) - (96 - 64) * 64  # positions kept
+    model = build_decoder(cfg, sd)
+    assert model.pos_embeddings.weight.shape == (64, 64) and model.rope_cos is None
+    _assert_logits_match(hf, model, 40)
+    ids = torch.randint(0, 300, (1, 40))  # decoding past the prompt uses the right position rows
+    with torch.no_grad():
+        ref = hf(ids).logits
+    for impl in ("plain", "executorch"):
+        stateful = build_decoder(cfg, sd).make_stateful(impl)
+        stateful.full_logits = True
+        assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
+
+
+def test_gpt2_context_and_unsupported_variants():
+    from edgelm.errors import SourceError
+
+    hf, cfg, sd = _gpt2_pair(n_positions=48, max_context=None)
+    assert cfg.max_context == 48
+    with pytest.raises(ValueError, match="learned positions for 48 tokens"):
+        build_decoder(ModelConfig.from_dict({**cfg.to_dict(), "max_context": 64}), sd)
+    for kw, needle in (({"activation_function": "relu"}, "activation 'relu'"),
+                       ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling")):
+        with pytest.raises(SourceError, match=needle):
+            _gpt2_pair(**kw)
+
+
 def _run_stateful(model, ids, chunks):
     outs, pos = [], 0
     with torch.no_grad():

@@ -308,6 +308,18 @@ def test_weights_by_scheme_are_ordered():
     assert sizes["w4a8"] < sizes["w8a8"] < sizes["fp32"]
 
 
+def test_gpt2_weights_count_its_positions_norm_biases_and_two_matrix_mlp():
+    gpt2 = ModelConfig(arch="gpt2", vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                       ffn_dim=3072, head_dim=64, tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+                       max_context=1024)
+    n = gpt2.num_parameters()
+    assert n == 124_439_808  # GPT-2 small's published count
+    p = load_profile("x86-64")
+    assert estimate_memory(p, gpt2, "fp32").weights_bytes == 4 * n
+    # 1 B/param plus scales, and the 8-bit copy of the tied head (a third of GPT-2 small's parameters)
+    assert n + 50257 * 768 < estimate_memory(p, gpt2, "w8a8").weights_bytes < 1.35 * n
+
+
 def test_7b_does_not_fit_a_pi4_and_says_what_would():
     p = load_profile("raspberry-pi-4")
     with pytest.raises(TargetError) as info:

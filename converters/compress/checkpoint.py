@@ -16,6 +16,7 @@ width for all layers and no factored linears, so per-layer dims would not surviv
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 
 from edgelm.config import ModelConfig
 from edgelm.errors import SourceError
+
+log = logging.getLogger(__name__)
 
 MARKER = "edgelm-checkpoint.json"
 FORMAT = "edgelm-checkpoint"
@@ -87,9 +90,14 @@ def load_checkpoint(path: str | Path, max_context: int | None = None):
         cfg = ModelConfig.from_dict(meta["config"])
     except (ValueError, TypeError, KeyError) as e:
         raise SourceError(f"{path / MARKER}: bad model config ({e})") from e
-    if max_context:
-        cfg.max_context = max_context
     sd: dict[str, torch.Tensor] = load_file(str(path / WEIGHTS))
+    if max_context:
+        positions = sd.get("pos_embeddings.weight")  # learned positions (GPT-2) end where training did
+        if positions is not None and max_context > positions.shape[0]:
+            log.warning("max_context %d is beyond the model's %d learned positions; using %d", max_context,
+                        positions.shape[0], positions.shape[0])
+            max_context = positions.shape[0]
+        cfg.max_context = max_context
     description: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "original": meta.get("source", {})}
     report_path = path / "compression.json"
     if report_path.is_file():

@@ -67,7 +67,7 @@ def low_rank(cfg: ModelConfig, sd: StateDict, energy: float | None = None, budge
         for kind in kinds:
             for proj in PROJECTIONS[kind]:
                 name = f"layers.{i}.{kind}.{proj}"
-                if name in ranks:
+                if name in ranks or name not in cfg.block_linears(i):  # GPT-2 has no w_gate
                     continue
                 n_in, n_out = cfg.linear_shape(name)
                 w = sd[name + ".weight"]

@@ -67,7 +67,8 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                           help="Structured: fraction of attention heads removed per layer.")),
     ("--head-granularity", "head_granularity", dict(
         type=click.Choice(["query", "group"]), default="query", show_default=True,
-        help="Heads: drop query heads inside every KV group, or whole KV groups.")),
+        help="Heads: drop query heads inside every KV group, or whole KV groups (multi-head "
+             "attention, e.g. GPT-2, drops whole heads either way).")),
     ("--drop-layers", "drop_layers", dict(type=click.IntRange(0), default=0,
                                           help="Structured: whole layers removed (the most identity-like).")),
     ("--low-rank", "low_rank_energy", dict(type=click.FloatRange(0, 1, min_open=True), default=None,

@@ -78,7 +78,7 @@ def keep_ffn_channels(cfg: ModelConfig, sd: StateDict, keep: dict[int, torch.Ten
         _check_dense(cfg, i, "mlp")
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
         p = f"layers.{i}.mlp."
-        for name in ("w_gate", "w_up"):
+        for name in ("w_gate", "w_up") if cfg.gated_mlp else ("w_up",):
             sd[p + name + ".weight"] = sd[p + name + ".weight"][idx].clone()
             if p + name + ".bias" in sd:
                 sd[p + name + ".bias"] = sd[p + name + ".bias"][idx].clone()
@@ -139,10 +139,11 @@ def choose_layers(influence: list[float], n: int) -> list[int]:
 
 
 def choose_heads(scores: torch.Tensor, n_kv: int, fraction: float, granularity: str) -> list[int]:
-    """Query heads to keep in one layer, given per-head scores."""
+    """Query heads to keep in one layer, given per-head scores. Multi-head attention (one query
+    head per KV head, GPT-2) drops whole heads at either granularity."""
     h = scores.numel()
     g = h // n_kv
-    if granularity == "group":
+    if granularity == "group" or g == 1:
         n_drop = min(n_kv - 1, round(n_kv * fraction))
         group_scores = (scores.view(n_kv, g) ** 2).sum(-1)  # the groups' total contribution
         kept = sorted(group_scores.argsort(descending=True)[:n_kv - n_drop].tolist())

@@ -65,8 +65,12 @@ def training_data(source: Source, teacher, opts: CompressOptions, progress: bool
     ids = chat_prompt_ids(source.tokenizer_json, source.special_tokens, source.chat_template, prompts)
     need = max(len(p) for p in ids) + seq_len
     gen_model = teacher
-    if need > teacher.cfg.max_context:  # a longer rotary table only; the weights are the teacher's
-        gen_model = build_decoder(dataclasses.replace(source.config, max_context=need), source.state_dict)
+    if need > teacher.cfg.max_context:  # a longer position table only; the weights are the teacher's
+        try:
+            gen_model = build_decoder(dataclasses.replace(source.config, max_context=need), source.state_dict)
+        except ValueError as e:  # learned positions (GPT-2) stop where training did
+            raise CompressionError(f"teacher-generated sequences need {need} positions: {e}; "
+                                   "pass a shorter --distill-seq-len or --distill-data") from e
     banned = sorted(set(source.special_tokens.get("eos_token_ids") or source.config.eos_token_ids))
     t0 = time.perf_counter()
     from rich.console import Console

@@ -134,10 +134,14 @@ class LiteRTStep(nn.Module):
         m, s, t = self.decoder, self.seq_len, self.decoder.cfg.max_context
         start = input_pos[0]
         pos = torch.clamp(start + self.offsets, max=t - 1)
-        cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)
         old = torch.where(self.cache_index < start, 0.0, float("-inf"))
         mask = torch.cat((old[None, :].expand(s, t), self.causal), dim=1)
         x = m.tok_embeddings(tokens)
+        if m.pos_embeddings is None:
+            cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)
+        else:  # GPT-2's learned positions
+            cos = sin = None
+            x = x + m.pos_embeddings(pos)
         out = {}
         for i, block in enumerate(m.layers):
             a, k, v = _attention(block.attn, block.attn_norm(x), cos, sin, m.rope_rot, k_cache[i], v_cache[i], mask)
