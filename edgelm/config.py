@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 
 
 @dataclass
@@ -89,6 +89,11 @@ class ModelConfig:
         """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's MLP is ``w_down(gelu(w_up x))``."""
         return self.arch != "gpt2"
 
+    @property
+    def qk_norm(self) -> bool:
+        """An RMSNorm over each query and key head before the rotary embedding (Qwen3)."""
+        return self.arch == "qwen3"
+
     def block_linears(self, layer: int) -> list[str]:
         """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""
         mlp = ("w_gate", "w_up", "w_down") if self.gated_mlp else ("w_up", "w_down")
@@ -104,7 +109,7 @@ class ModelConfig:
             total += self.max_context * d
         for i, (h, kv, f) in enumerate(zip(self.n_heads, self.n_kv_heads, self.ffn_dim)):
             total += sum(n_in * n_out for n_in, n_out in map(self.linear_shape, self.block_linears(i)))
-            total += 2 * norm
+            total += 2 * norm + (2 * self.head_dim if self.qk_norm else 0)
             if self.qkv_bias:
                 total += (h + 2 * kv) * self.head_dim
             if self.o_bias:

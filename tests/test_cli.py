@@ -80,9 +80,23 @@ def test_convert_a_hugging_face_folder(tmp_path):
     assert "tokens/s" in run.stderr + run.stdout
 
 
-def test_convert_a_gpt2_folder_to_every_format(tmp_path):
-    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights) from a transformers folder:
-    every format's bundle generates transformers' own greedy tokens."""
+def _random_causal_lm(arch: str):
+    import transformers
+
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=96, bos_token_id=256, eos_token_id=256))
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=96, tie_word_embeddings=True,
+        bos_token_id=256, eos_token_id=256))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_convert_a_folder_to_every_format(tmp_path, arch):
+    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights) and Qwen3 (an RMSNorm per
+    query and key head) from transformers folders: every format's bundle generates
+    transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -90,10 +104,9 @@ def test_convert_a_gpt2_folder_to_every_format(tmp_path):
     from edgelm.converters.sources import tiny_tokenizer_json
     from edgelm.runtime import Engine
 
-    folder = tmp_path / "gpt2"
+    folder = tmp_path / arch
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=96, bos_token_id=256, eos_token_id=256)).eval()
+    hf = _random_causal_lm(arch).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # away from init, so greedy tokens depend on the prompt
@@ -105,7 +118,7 @@ def test_convert_a_gpt2_folder_to_every_format(tmp_path):
     prompt = "The lighthouse keeper"
     for fmt in ("pte", "onnx", "tflite"):
         engine = Engine.load(out / fmt, threads=2)
-        assert engine.manifest.model.arch == "gpt2" and engine.manifest.verification["parity"]["passed"]
+        assert engine.manifest.model.arch == arch and engine.manifest.verification["parity"]["passed"]
         ids = engine.encode_prompt(prompt)
         got = list(engine.generate_ids(ids, max_new_tokens=24))
         with torch.no_grad():

@@ -14,9 +14,9 @@ def _hf_pair(model_type: str, **kw):
     import transformers
 
     cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "mistral": transformers.MistralConfig}[model_type]
+               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[model_type]
     cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[model_type]
+                 "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM}[model_type]
     hf_cfg = cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
     torch.manual_seed(0)
@@ -50,6 +50,7 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
                                 "attention_factor": 1.3}}),
     ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
     ("mistral", {"sliding_window": None}),
+    ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),  # per-head q/k RMSNorm; heads wider than dim/H
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)

@@ -308,7 +308,7 @@ def test_weights_by_scheme_are_ordered():
     assert sizes["w4a8"] < sizes["w8a8"] < sizes["fp32"]
 
 
-def test_gpt2_weights_count_its_positions_norm_biases_and_two_matrix_mlp():
+def test_gpt2_and_qwen3_weights_match_their_published_parameter_counts():
     gpt2 = ModelConfig(arch="gpt2", vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
                        ffn_dim=3072, head_dim=64, tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
                        max_context=1024)
@@ -318,6 +318,10 @@ def test_gpt2_weights_count_its_positions_norm_biases_and_two_matrix_mlp():
     assert estimate_memory(p, gpt2, "fp32").weights_bytes == 4 * n
     # 1 B/param plus scales, and the 8-bit copy of the tied head (a third of GPT-2 small's parameters)
     assert n + 50257 * 768 < estimate_memory(p, gpt2, "w8a8").weights_bytes < 1.35 * n
+    qwen3 = ModelConfig(arch="qwen3", vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                        ffn_dim=3072, head_dim=128, tie_embeddings=True, max_context=4096)
+    assert qwen3.num_parameters() == 596_049_920  # Qwen3-0.6B, with its per-head q/k norms
+    assert estimate_memory(p, qwen3, "fp32").weights_bytes == 4 * qwen3.num_parameters()
 
 
 def test_7b_does_not_fit_a_pi4_and_says_what_would():
