@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -284,11 +285,27 @@ def evaluate(bundle: Path, source: str | None, eval_text: str | None, eval_windo
                f"over {q['tokens']} tokens")
 
 
+def _template_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE with KEY a name", param=param)
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("--chat/--raw", default=None, help="Wrap PROMPT in the bundle's chat template (default: if it has one).")
 @click.option("--system", default=None, help="System message for --chat.")
+@click.option("--template-var", "template_vars", multiple=True, metavar="KEY=VALUE", callback=_template_vars,
+              help="A chat-template variable, e.g. enable_thinking=false for Qwen3 (VALUE is read as JSON "
+                   "when it parses, else as text; repeatable).")
 @click.option("-n", "--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
@@ -301,7 +318,8 @@ def evaluate(bundle: Path, source: str | None, eval_text: str | None, eval_windo
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @_draft_options
 @click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed.")
-def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, max_new_tokens: int,
+def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, template_vars: dict[str, Any],
+        max_new_tokens: int,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
         stops: tuple[str, ...], truncate: bool, threads: int | None, draft: Path | None, draft_tokens: int,
         stats: bool) -> None:
@@ -312,8 +330,12 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, max_ne
     use_chat = bool(engine.manifest.chat_template) if chat is None else chat
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
+    if template_vars and not use_chat:
+        raise click.UsageError("--template-var sets chat-template variables; it needs --chat and a bundle "
+                               "with a chat template")
     for piece in engine.generate(prompt, chat=use_chat, system=system, max_new_tokens=max_new_tokens,
-                                 sampling=sampling, stop=stops, overflow="truncate" if truncate else "error"):
+                                 sampling=sampling, stop=stops, overflow="truncate" if truncate else "error",
+                                 template_vars=template_vars):
         click.echo(piece, nl=False)
     click.echo()
     sys.stdout.flush()

@@ -43,30 +43,65 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the bundle's chat template (the Jinja text the model shipped)."""
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """Render ``messages`` with the bundle's chat template (the Jinja text the model shipped).
+
+        ``variables`` are extra template variables, as ``transformers``' ``apply_chat_template``
+        takes them (e.g. Qwen3's ``enable_thinking=False``)."""
         if not self.chat_template:
             raise BundleError("this bundle has no chat template; run without --chat or pass a raw prompt")
         if self._template is None:
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message: str) -> None:
-                raise BundleError(f"chat template: {message}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
+            self._template = _chat_environment().from_string(self.chat_template)
         names = {k: v for k, v in self.special_tokens.items() if k.endswith("_token") and isinstance(v, str)}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **names)
+        return self._template.render(**{**names, **variables}, messages=messages,
+                                     add_generation_prompt=add_generation_prompt)
 
-    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True, **variables: Any) -> list[int]:
         """Token ids of a rendered chat (the template already holds any BOS text)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **variables),
+                           add_special_tokens=False)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)
+
+
+def _chat_environment():
+    """The Jinja environment ``transformers`` renders chat templates in, so a template renders the
+    same text here: sandboxed, ``trim_blocks``/``lstrip_blocks``, loop controls, ``raise_exception``,
+    ``strftime_now``, a ``tojson`` that leaves non-ASCII and HTML characters alone, and the
+    ``{% generation %}`` block (which transformers uses to mark assistant tokens; here it only
+    renders its body)."""
+    import json
+
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise BundleError(f"chat template: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
 
 
 class IncrementalDetokenizer:

@@ -142,6 +142,13 @@ def test_changed_and_missing_files_are_refused(tiny_pte, tmp_path):
     assert_clean_error(edgelm("inspect", b), "tokenizer.json")
 
 
+def test_template_vars_are_checked(tiny_pte):
+    assert_clean_error(edgelm("run", tiny_pte, "hi", "--template-var", "enable_thinking"), "KEY=VALUE")
+    assert_clean_error(edgelm("run", tiny_pte, "hi", "--raw", "--template-var", "enable_thinking=false"),
+                       "needs --chat")
+    edgelm("run", tiny_pte, "hi", "-n", "2", "--template-var", "enable_thinking=false", check=True)
+
+
 def test_prompt_longer_than_context(tiny_pte):
     assert_clean_error(edgelm("run", tiny_pte, "z" * 500, "-n", "4"), "context window")
     proc = edgelm("run", tiny_pte, "z" * 500, "-n", "4", "--truncate")

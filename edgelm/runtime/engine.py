@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -137,14 +137,15 @@ class Engine:
 
     # -- prompts -----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = False,
-                      system: str | None = None) -> list[int]:
-        """Token ids of ``prompt``: raw text, or a chat (a message list, or text with ``chat=True``)."""
+                      system: str | None = None, template_vars: Mapping[str, Any] | None = None) -> list[int]:
+        """Token ids of ``prompt``: raw text, or a chat (a message list, or text with ``chat=True``).
+        ``template_vars`` go to the chat template (e.g. ``{"enable_thinking": False}`` for Qwen3)."""
         if isinstance(prompt, str) and not chat:
             return self.tokenizer.encode(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages = [{"role": "system", "content": system}, *messages]
-        return self.tokenizer.encode_chat(messages)
+        return self.tokenizer.encode_chat(messages, **(template_vars or {}))
 
     def _fit(self, ids: list[int], max_new_tokens: int, overflow: str, stats: GenerationStats) -> list[int]:
         if overflow not in OVERFLOW_POLICIES:
@@ -307,14 +308,16 @@ class Engine:
 
     def generate(self, prompt: str | Sequence[Message], *, chat: bool = False, system: str | None = None,
                  max_new_tokens: int = 256, sampling: SamplingConfig | None = None,
-                 stop: Sequence[str] = (), overflow: str = "error") -> Iterator[str]:
+                 stop: Sequence[str] = (), overflow: str = "error",
+                 template_vars: Mapping[str, Any] | None = None) -> Iterator[str]:
         """Stream the answer to ``prompt`` as text pieces.
 
         ``prompt`` is raw text, or a chat: a list of ``{"role", "content"}`` messages, or text
-        with ``chat=True``. Generation ends at EOS, at any of the ``stop`` strings (not
-        included in the output), after ``max_new_tokens``, or when the context is full.
+        with ``chat=True`` (``template_vars``: extra chat-template variables). Generation ends
+        at EOS, at any of the ``stop`` strings (not included in the output), after
+        ``max_new_tokens``, or when the context is full.
         """
-        ids = self.encode_prompt(prompt, chat=chat, system=system)
+        ids = self.encode_prompt(prompt, chat=chat, system=system, template_vars=template_vars)
         detok = self.tokenizer.detokenizer()
         stops = [s for s in stop if s]
         hold = max((len(s) for s in stops), default=0)
