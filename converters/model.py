@@ -22,6 +22,7 @@ break the exporters (ExecuTorch and litert-torch keep their own definitions too)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -101,6 +102,14 @@ def rope_attention_scale(cfg: ModelConfig) -> float:
     if rs.get("mscale") and rs.get("mscale_all_dim"):
         return mscale(float(rs["mscale"])) / mscale(float(rs["mscale_all_dim"]))
     return mscale(1.0)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position and head dimension, [max_context, head_dim]."""
+    freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
+    freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
+    scale = rope_attention_scale(cfg)
+    return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
 
 
 class RMSNorm(nn.Module):
@@ -263,8 +272,8 @@ class Attention(nn.Module):
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's GELU ("gelu_new"), the tanh approximation, written out: ExecuTorch's XNNPACK
-    delegate lowers ``gelu(approximate="tanh")`` to its exact (erf) GELU, 1e-3 off in the logits."""
+    """The tanh GELU (GPT-2's "gelu_new", Gemma's "gelu_pytorch_tanh"), written out: ExecuTorch's
+    XNNPACK delegate lowers ``gelu(approximate="tanh")`` to its exact (erf) GELU, 1e-3 off in the logits."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
@@ -273,15 +282,17 @@ class MLP(nn.Module):
         super().__init__()
         p = f"layers.{layer}.mlp."
         self.gated = cfg.gated_mlp
+        self.act = F.silu if cfg.mlp_activation == "silu" else gelu_tanh
         if self.gated:
             self.w_gate = make_linear(cfg, p + "w_gate", cfg.mlp_bias)
         self.w_up = make_linear(cfg, p + "w_up", cfg.mlp_bias)
         self.w_down = make_linear(cfg, p + "w_down", cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU / GeGLU ``w_down(act(w_gate x) * w_up x)``, or GPT-2's ``w_down(act(w_up x))``."""
         if self.gated:
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-        return self.w_down(gelu_tanh(self.w_up(x)))
+            return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(self.act(self.w_up(x)))
 
 
 class Block(nn.Module):
@@ -291,11 +302,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg, layer)
+        # Gemma 3 also normalizes each branch's output before the residual add
+        self.attn_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
+        self.mlp_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
+        self.local_rope = layer in (cfg.local_layers or ())
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
         a, new_kv = self.attn(self.attn_norm(x), cos, sin, rot, pos, mask, start_pos, cache)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), new_kv
+        x = x + self.attn_post_norm(a)
+        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x))), new_kv
 
 
 class Decoder(nn.Module):
@@ -322,14 +337,16 @@ class Decoder(nn.Module):
         if cfg.learned_positions:
             cos = sin = rot = None
         else:
-            freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
-            freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
-            scale = rope_attention_scale(cfg)
-            cos, sin = (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
+            cos, sin = rope_tables(cfg)
             rot = rotate_half_matrix(cfg.head_dim).T.contiguous()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rot", rot, persistent=False)
+        local = None, None  # Gemma 3's sliding-window layers: their own base, no scaling
+        if cfg.local_layers:
+            local = rope_tables(dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None))
+        self.register_buffer("rope_cos_local", local[0], persistent=False)
+        self.register_buffer("rope_sin_local", local[1], persistent=False)
         self.full_logits = False
         # functional mode only: attend to cache rows [0, start_pos) plus the new rows instead of all
         # max_context (a data-dependent shape: for dynamic-shape exporters such as ONNX, not TFLite)
@@ -358,24 +375,40 @@ class Decoder(nn.Module):
         return [(torch.zeros(self.cfg.kv_cache_shape(i)), torch.zeros(self.cfg.kv_cache_shape(i)))
                 for i in range(self.cfg.n_layers)]
 
+    def _rotary(self, start_pos, pos, s: int) -> list[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]]:
+        """(cos, sin) rows of this call's positions, [S, 1, D]: the global table's, then the local one's."""
+        out = []
+        for cos, sin in ((self.rope_cos, self.rope_sin), (self.rope_cos_local, self.rope_sin_local)):
+            if cos is None:
+                out.append((None, None))
+            elif pos is None:  # the executorch path: a symbolic start position
+                out.append((cos.narrow(0, start_pos, s).unsqueeze(1), sin.narrow(0, start_pos, s).unsqueeze(1)))
+            else:
+                out.append((cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)))
+        return out
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (scaled for Gemma), plus GPT-2's learned position embeddings."""
+        x = self.tok_embeddings(tokens)
+        if self.cfg.embedding_scale != 1.0:
+            x = x * self.cfg.embedding_scale
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions)
+        return x
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, caches=None):
         s = tokens.shape[1]
         t = self.cfg.max_context
-        rope = self.pos_embeddings is None
-        cos = sin = None
         if self.impl == "executorch":
             start_pos = input_pos[0].item()
             torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
-            if rope:
-                cos = self.rope_cos.narrow(0, start_pos, s).unsqueeze(1)
-                sin = self.rope_sin.narrow(0, start_pos, s).unsqueeze(1)
+            rotary = self._rotary(start_pos, None, s)
             pos = mask = None
         else:
             start_pos = None
             pos = input_pos[0] + torch.arange(s, dtype=torch.long)
-            if rope:
-                cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)
+            rotary = self._rotary(None, pos, s)
             if self.window_attention and caches is not None:  # attend to the filled rows only
                 start_pos = input_pos[0].item()
                 torch._check(start_pos >= 0)
@@ -383,11 +416,13 @@ class Decoder(nn.Module):
                 t = start_pos + s
             allowed = torch.arange(t, dtype=torch.long)[None, :] <= pos[:, None]
             mask = torch.where(allowed, 0.0, float("-inf"))
-        x = self.tok_embeddings(tokens)
-        if not rope:
-            x = x + self.pos_embeddings(input_pos[0] + torch.arange(s, dtype=torch.long) if pos is None else pos)
+        positions = None
+        if self.pos_embeddings is not None:
+            positions = input_pos[0] + torch.arange(s, dtype=torch.long) if pos is None else pos
+        x = self.embed(tokens, positions)
         new_rows = []
         for i, block in enumerate(self.layers):
+            cos, sin = rotary[block.local_rope]
             x, kv = block(x, cos, sin, self.rope_rot, pos, mask, start_pos, None if caches is None else caches[i])
             new_rows.append(kv)
         if not self.full_logits:
@@ -397,8 +432,10 @@ class Decoder(nn.Module):
         return logits if caches is None else (logits, new_rows)
 
 
-def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3 (or GPT-2) state dict to the canonical names."""
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
+                       hf_config: object | None = None) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Gemma 3 (or GPT-2) state dict to the
+    canonical names. Gemma 3 needs its ``hf_config`` (the query scale folds into the weights)."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
     names = {
@@ -407,6 +444,9 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
         "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
     }
+    if cfg.arch == "gemma3":  # sandwich norms: "post_attention" is the attention output's own norm
+        names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
+                      "post_feedforward_layernorm": "mlp_post_norm"})
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         k = key.removeprefix("model.")
@@ -430,9 +470,26 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             elif mod in names:
                 out[p + f"{names[mod]}.{param}"] = value
             # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
+    if cfg.arch == "gemma3":
+        _fold_gemma3(out, cfg, hf_config)
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out
+
+
+def _fold_gemma3(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object | None) -> None:
+    """Gemma's RMSNorm multiplies by ``1 + weight``: store ``1 + weight``. Its attention scales scores
+    by ``query_pre_attn_scalar ** -0.5``, not ``head_dim ** -0.5``: the ratio goes into the query norm
+    (RoPE is linear), so every exporter's attention keeps its usual scale."""
+    scalar = getattr(hf_config, "query_pre_attn_scalar", None)
+    if scalar is None:
+        raise ValueError("Gemma 3 weights need the model's config (query_pre_attn_scalar) to convert")
+    q_scale = math.sqrt(cfg.head_dim / float(scalar))
+    for key in list(sd):
+        if key.endswith("norm.weight"):
+            sd[key] = 1.0 + sd[key]
+            if key.endswith("attn.q_norm.weight"):
+                sd[key] = sd[key] * q_scale
 
 
 def _state_dict_from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

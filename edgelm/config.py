@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
 
 
 @dataclass
@@ -42,6 +42,10 @@ class ModelConfig:
     # low-rank factorization (converters/compress): module path in a block, e.g. "layers.3.mlp.w_down",
     # -> rank r of its two-matrix form (in -> r -> out). None: every linear is a plain matrix.
     low_rank: dict[str, int] | None = None
+    # Gemma 3: the layers whose rotary embedding uses ``local_rope_theta`` (and no scaling) instead of
+    # rope_theta / rope_scaling (its sliding-window layers). None: every layer uses the global one.
+    local_layers: list[int] | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -57,12 +61,19 @@ class ModelConfig:
         for i, (h, kv) in enumerate(zip(self.n_heads, self.n_kv_heads)):
             if kv <= 0 or h <= 0 or h % kv:
                 raise ValueError(f"layer {i}: {h} query heads cannot be grouped over {kv} KV heads")
+        if self.local_layers is not None:
+            self.local_layers = sorted(int(i) for i in self.local_layers)
+            if any(not 0 <= i < self.n_layers for i in self.local_layers) or not self.local_rope_theta:
+                raise ValueError(f"local_layers {self.local_layers} need indices below {self.n_layers} "
+                                 "and a local_rope_theta")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the form stored in ``edgelm.json``)."""
         data = asdict(self)
-        if not self.low_rank:  # keep manifests readable by runtimes that predate low_rank
-            data.pop("low_rank")
+        # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
+        for name in ("low_rank", "local_layers", "local_rope_theta"):
+            if not data[name]:
+                data.pop(name)
         return data
 
     @classmethod
@@ -91,8 +102,23 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """An RMSNorm over each query and key head before the rotary embedding (Qwen3)."""
-        return self.arch == "qwen3"
+        """An RMSNorm over each query and key head before the rotary embedding (Qwen3, Gemma 3)."""
+        return self.arch in ("qwen3", "gemma3")
+
+    @property
+    def sandwich_norm(self) -> bool:
+        """A norm on the attention and MLP outputs too, before the residual add (Gemma 3)."""
+        return self.arch == "gemma3"
+
+    @property
+    def embedding_scale(self) -> float:
+        """Factor on the token embedding (Gemma: sqrt(dim); 1 elsewhere)."""
+        return self.dim ** 0.5 if self.arch == "gemma3" else 1.0
+
+    @property
+    def mlp_activation(self) -> str:
+        """``silu`` (SwiGLU) or ``gelu_tanh`` (Gemma's GeGLU; GPT-2's ungated MLP)."""
+        return "gelu_tanh" if self.arch in ("gemma3", "gpt2") else "silu"
 
     def block_linears(self, layer: int) -> list[str]:
         """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""
@@ -109,7 +135,7 @@ class ModelConfig:
             total += self.max_context * d
         for i, (h, kv, f) in enumerate(zip(self.n_heads, self.n_kv_heads, self.ffn_dim)):
             total += sum(n_in * n_out for n_in, n_out in map(self.linear_shape, self.block_linears(i)))
-            total += 2 * norm + (2 * self.head_dim if self.qk_norm else 0)
+            total += (4 if self.sandwich_norm else 2) * norm + (2 * self.head_dim if self.qk_norm else 0)
             if self.qkv_bias:
                 total += (h + 2 * kv) * self.head_dim
             if self.o_bias:

@@ -570,7 +570,7 @@ def weights_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32) -> int:
         for name in cfg.block_linears(i):
             in_f, out_f = cfg.linear_shape(name)
             total += _linear_bytes(out_f, in_f, scheme, group_size)
-        total += 2 * norm + (4 * 2 * hd if cfg.qk_norm else 0)
+        total += (4 if cfg.sandwich_norm else 2) * norm + (4 * 2 * hd if cfg.qk_norm else 0)
         if cfg.qkv_bias:
             total += 4 * (h + 2 * kv) * hd
         if cfg.o_bias:

@@ -86,17 +86,23 @@ def _random_causal_lm(arch: str):
     if arch == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=96, bos_token_id=256, eos_token_id=256))
+    if arch == "gemma3":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
+            sliding_window=64, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+            bos_token_id=256, eos_token_id=256))
     return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=96, tie_word_embeddings=True,
         bos_token_id=256, eos_token_id=256))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
-    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights) and Qwen3 (an RMSNorm per
-    query and key head) from transformers folders: every format's bundle generates
-    transformers' own greedy tokens."""
+    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
+    and key head) and Gemma 3 (sandwich norms, GeGLU, two rotary bases) from transformers folders:
+    every format's bundle generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer

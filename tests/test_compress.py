@@ -16,6 +16,7 @@ from edgelm.converters.compress.distill import DistillConfig, distill, evaluate,
 from edgelm.converters.compress.importance import forward_full
 from edgelm.converters.compress.lowrank import factor, is_smaller, low_rank
 from edgelm.converters.compress.prune import (
+    drop_layers,
     keep_heads,
     magnitude_prune,
     parameter_count,
@@ -151,6 +152,17 @@ def test_gpt2_prunes_and_factors_exactly(calib):
     cfg2, sd2, report = low_rank(cfg, new, budget=0.5, targets="mlp")
     assert set(cfg2.low_rank) == {f"layers.{i}.mlp.{p}" for i in range(2) for p in ("w_up", "w_down")}
     assert parameter_count(build_decoder(cfg2, sd2)) == cfg2.num_parameters() < cfg.num_parameters()
+
+
+def test_dropping_layers_keeps_each_layers_rotary_base():
+    """Gemma 3's sliding-window layers use their own rotary base: the survivors keep theirs."""
+    src = load_tiny(n_layers=4, arch="gemma3", local_layers=[0, 2], local_rope_theta=1e4, rope_theta=1e6)
+    cfg, sd = drop_layers(src.config, src.state_dict, [1])
+    assert cfg.local_layers == [0, 1] and cfg.local_rope_theta == 1e4
+    cfg, sd = drop_layers(cfg, sd, [0, 1])
+    assert cfg.local_layers is None and cfg.local_rope_theta is None and cfg.n_layers == 1
+    model = build_decoder(cfg, sd)
+    assert model.rope_cos_local is None and not model.layers[0].local_rope
 
 
 def _pruned_pair(src, calib):

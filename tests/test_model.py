@@ -90,6 +90,48 @@ def test_unsupported_rope_scaling_is_a_clear_source_error():
         config_from_hf(phi, max_context=64)
 
 
+def _gemma3_pair(max_context: int = 64, **kw):
+    import transformers
+
+    hf_cfg = transformers.Gemma3TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, **kw)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    cfg = config_from_hf(hf.config, max_context=max_context)
+    return hf, cfg, state_dict_from_hf(hf.state_dict(), cfg, hf.config)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rope_parameters": {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}])
+def test_gemma3_logits_match_transformers(kw):
+    """Gemma 3: GeGLU, sandwich and q/k norms (1 + w), a sqrt(dim)-scaled embedding, the query
+    scale from query_pre_attn_scalar, and a rotary base per layer type (scaling on global layers only)."""
+    hf, cfg, sd = _gemma3_pair(**kw)
+    assert cfg.local_layers == [0, 2] and cfg.local_rope_theta == 10_000.0 and cfg.rope_theta == 1_000_000.0
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    _assert_logits_match(hf, build_decoder(cfg, sd), 40)
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    for impl in ("plain", "executorch"):
+        stateful = build_decoder(cfg, sd).make_stateful(impl)
+        stateful.full_logits = True
+        assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
+
+
+def test_gemma3_context_stops_at_the_window_and_config_round_trips():
+    _, cfg, _ = _gemma3_pair(max_context=200)
+    assert cfg.max_context == 128  # the sliding window
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert "local_layers" not in tiny_config().to_dict()  # older runtimes still read the other manifests
+
+
 def _gpt2_pair(n_positions: int = 96, max_context: int = 64, **kw):
     import transformers
 

@@ -308,7 +308,7 @@ def test_weights_by_scheme_are_ordered():
     assert sizes["w4a8"] < sizes["w8a8"] < sizes["fp32"]
 
 
-def test_gpt2_and_qwen3_weights_match_their_published_parameter_counts():
+def test_weights_match_published_parameter_counts():
     gpt2 = ModelConfig(arch="gpt2", vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
                        ffn_dim=3072, head_dim=64, tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
                        max_context=1024)
@@ -322,6 +322,11 @@ def test_gpt2_and_qwen3_weights_match_their_published_parameter_counts():
                         ffn_dim=3072, head_dim=128, tie_embeddings=True, max_context=4096)
     assert qwen3.num_parameters() == 596_049_920  # Qwen3-0.6B, with its per-head q/k norms
     assert estimate_memory(p, qwen3, "fp32").weights_bytes == 4 * qwen3.num_parameters()
+    gemma3 = ModelConfig(arch="gemma3", vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1,
+                         ffn_dim=2048, head_dim=256, tie_embeddings=True, max_context=512,
+                         local_layers=[i for i in range(18) if i % 6 != 5], local_rope_theta=1e4)
+    assert gemma3.num_parameters() == 268_098_176  # Gemma 3 270M: sandwich norms, q/k norms
+    assert estimate_memory(p, gemma3, "fp32").weights_bytes == 4 * gemma3.num_parameters()
 
 
 def test_7b_does_not_fit_a_pi4_and_says_what_would():

@@ -136,17 +136,14 @@ class LiteRTStep(nn.Module):
         pos = torch.clamp(start + self.offsets, max=t - 1)
         old = torch.where(self.cache_index < start, 0.0, float("-inf"))
         mask = torch.cat((old[None, :].expand(s, t), self.causal), dim=1)
-        x = m.tok_embeddings(tokens)
-        if m.pos_embeddings is None:
-            cos, sin = m.rope_cos[pos].unsqueeze(1), m.rope_sin[pos].unsqueeze(1)
-        else:  # GPT-2's learned positions
-            cos = sin = None
-            x = x + m.pos_embeddings(pos)
+        x = m.embed(tokens, pos)
+        rotary = m._rotary(None, pos, s)
         out = {}
         for i, block in enumerate(m.layers):
+            cos, sin = rotary[block.local_rope]
             a, k, v = _attention(block.attn, block.attn_norm(x), cos, sin, m.rope_rot, k_cache[i], v_cache[i], mask)
-            x = x + a
-            x = x + block.mlp(block.mlp_norm(x))
+            x = x + block.attn_post_norm(a)
+            x = x + block.mlp_post_norm(block.mlp(block.mlp_norm(x)))
             out[K_NEW.format(layer=i)], out[V_NEW.format(layer=i)] = k, v
         x = x[:, -1:, :] if last_index is None else x.index_select(1, last_index)
         return {"logits": m.output(m.norm(x))[:, -1, :], **out}
