@@ -251,3 +251,19 @@ def test_unsupported_requests_fail_before_converting():
         get_lowering("tflite", "w8a8-static")
     with pytest.raises(FormatError, match="blocks of 32, 64, 128, 256"):
         check_quant(QuantSpec("w4a8", group_size=16))
+
+
+def test_gpt2_query_projection_is_found_and_quantized(tmp_path):
+    """GPT-2's q goes from wq straight into attention (no RoPE, no q norm): the attention scale must
+    not end up folded into wq's weight by the converter, where the quantizer would not find it."""
+    from edgelm.converters.lowering import LowerOptions, get_lowering
+    from edgelm.converters.model import build_decoder
+    from edgelm.converters.quant import QuantSpec
+    from edgelm.converters.sources import load_tiny
+
+    src = load_tiny(arch="gpt2", n_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True, max_context=32)
+    _, lower = get_lowering("tflite", "w8a8")
+    lowered = lower(build_decoder(src.config, src.state_dict), tmp_path / "model.tflite",
+                    LowerOptions(max_prefill=8, prefill_lengths=(8,), quant=QuantSpec("w8a8")))
+    q = lowered.report["quantization"]
+    assert "linear_not_found" not in q and q["linear_quantized"] == q["linear_total"] == 13, q

@@ -96,13 +96,22 @@ def _attention(attn, x, cos, sin, rot, k_cache, v_cache, mask):
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     b, s, h, d = q.shape
     g = h // attn.n_kv
-    q = q.transpose(1, 2).reshape(b, attn.n_kv, g * s, d) * (1.0 / math.sqrt(d))
+    # The scale goes on q (smaller than the scores), unless q comes straight out of wq (GPT-2: no
+    # RoPE, no q norm): the converter would fold the constant into wq's weight, which the
+    # quantizer then no longer finds. There it goes on the scores.
+    scale_q = attn.rope or attn.qk_norm
+    q = q.transpose(1, 2).reshape(b, attn.n_kv, g * s, d)
+    if scale_q:
+        q = q * (1.0 / math.sqrt(d))
     if g * s < d:  # decode: transposing the [g*S, T] scores is cheaper than the [T, D] cache
         old = torch.matmul(k_cache, q.transpose(-1, -2)).transpose(-1, -2)
     else:
         old = torch.matmul(q, k_cache.transpose(-1, -2))
     new = torch.matmul(q, k.transpose(-1, -2))
-    scores = torch.cat((old, new), dim=-1) + mask.repeat(g, 1)
+    scores = torch.cat((old, new), dim=-1)
+    if not scale_q:
+        scores = scores * (1.0 / math.sqrt(d))
+    scores = scores + mask.repeat(g, 1)
     p = torch.softmax(scores, dim=-1)
     t = k_cache.shape[2]
     out = torch.matmul(p[..., :t], v_cache) + torch.matmul(p[..., t:], v)
