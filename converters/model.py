@@ -1,11 +1,13 @@
-"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3 and GPT-2.
+"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 3
+and GPT-2.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
-models stay plain models) and a static KV cache of ``max_context`` positions. Qwen3 adds
-an RMSNorm over each query and key head. GPT-2 swaps three parts (:class:`edgelm.config.ModelConfig`
-says which): LayerNorm for RMSNorm, a learned position embedding for the rotary one, and a
-GELU MLP for SwiGLU.
+models stay plain models) and a static KV cache of ``max_context`` positions. The other
+families change a few parts, and :class:`edgelm.config.ModelConfig` says which: Qwen3 adds an
+RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention and MLP
+outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
+position embedding and a GELU MLP.
 
 The cache has two modes on the same weights:
 
@@ -203,7 +205,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
         self.rope = not cfg.learned_positions
-        if cfg.qk_norm:  # Qwen3: one RMSNorm weight over head_dim, shared by the heads
+        if cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight over head_dim, shared by the heads
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm

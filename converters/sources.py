@@ -31,8 +31,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "gemma3_text": "gemma3", "gpt2": "gpt2"}
-#: GPT-2's ``activation_function`` values that are the tanh GELU the canonical decoder computes
-_GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+#: activation names (GPT-2's ``activation_function``, Gemma's ``hidden_activation``) that are the tanh
+#: GELU the canonical decoder computes
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -63,6 +64,11 @@ def embedded_default_path() -> Path:
     return path
 
 
+def _eos_ids(hf: Any) -> list[int]:
+    eos = getattr(hf, "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def _context(limit: int, max_context: int | None) -> int:
     ctx = max_context or min(DEFAULT_MAX_CONTEXT, limit)
     if ctx > limit:
@@ -87,7 +93,6 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
     ctx = _within_window(hf, ctx)
-    eos = getattr(hf, "eos_token_id", None)
     rope_params = getattr(hf, "rope_parameters", None) or {}
     rope_scaling = getattr(hf, "rope_scaling", None) or None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
@@ -118,21 +123,20 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         max_context=ctx,
         bos_token_id=getattr(hf, "bos_token_id", None),
-        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        eos_token_ids=_eos_ids(hf),
     )
 
 
 def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
     """GPT-2 (and DistilGPT2): learned positions, LayerNorm, a GELU MLP, biases everywhere."""
     act = getattr(hf, "activation_function", "gelu_new")
-    if act not in _GPT2_GELUS:
+    if act not in _TANH_GELUS:
         raise SourceError(f"GPT-2 activation {act!r} is not supported yet; edgelm computes the tanh GELU "
-                          f"({', '.join(_GPT2_GELUS)})")
+                          f"({', '.join(_TANH_GELUS)})")
     if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or not getattr(hf, "scale_attn_weights", True):
         raise SourceError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported yet "
                           "(scale_attn_weights / scale_attn_by_inverse_layer_idx)")
     dim, n_heads = hf.n_embd, hf.n_head
-    eos = getattr(hf, "eos_token_id", None)
     return ModelConfig(
         arch="gpt2",
         vocab_size=hf.vocab_size,
@@ -149,7 +153,7 @@ def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
         mlp_bias=True,
         max_context=_context(hf.n_positions, max_context),
         bos_token_id=getattr(hf, "bos_token_id", None),
-        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        eos_token_ids=_eos_ids(hf),
     )
 
 
@@ -186,7 +190,7 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
     if getattr(hf, "use_bidirectional_attention", False):
         raise SourceError("bidirectional attention (an embedding model) is not a causal LM edgelm converts")
     act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "gelu_pytorch_tanh")
-    if act not in _GPT2_GELUS + ("gelu_tanh",):
+    if act not in _TANH_GELUS:
         raise SourceError(f"Gemma activation {act!r} is not supported yet; edgelm computes the tanh GELU")
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     rope = dict(getattr(hf, "rope_parameters", None) or {})
@@ -195,7 +199,6 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
         raise SourceError(f"RoPE scaling {rope_type(local)!r} on Gemma's sliding-window layers is not supported yet")
     local_layers = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
     n_heads = hf.num_attention_heads
-    eos = getattr(hf, "eos_token_id", None)
     return ModelConfig(
         arch="gemma3",
         vocab_size=hf.vocab_size,
@@ -213,7 +216,7 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
         o_bias=bool(getattr(hf, "attention_bias", False)),
         max_context=_within_window(hf, _context(limit, max_context)),
         bos_token_id=getattr(hf, "bos_token_id", None),
-        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        eos_token_ids=_eos_ids(hf),
         local_layers=local_layers or None,
         local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local_layers else None,
     )
