@@ -319,8 +319,7 @@ def _template_vars(ctx: click.Context, param: click.Parameter, values: tuple[str
 @_draft_options
 @click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed.")
 def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, template_vars: dict[str, Any],
-        max_new_tokens: int,
-        temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
+        max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
         stops: tuple[str, ...], truncate: bool, threads: int | None, draft: Path | None, draft_tokens: int,
         stats: bool) -> None:
     """Stream the model's answer to PROMPT from BUNDLE."""
