@@ -230,11 +230,12 @@ class Attention(nn.Module):
 
     def _qkv(self, x, cos, sin, rot):
         b = x.shape[0]  # -1 for the sequence axis: XNNPACK reshapes with one inferred dim, not a symbolic one
-        q = self.wq(x).view(b, -1, self.n_heads, self.hd)
-        k = self.wk(x).view(b, -1, self.n_kv, self.hd)
+        q, k = self.wq(x), self.wk(x)
+        if self.qk_norm:  # on [B, S*H, D]: with one KV head, [B, S, 1, D] trips LiteRT's converter
+            q, k = self.q_norm(q.view(b, -1, self.hd)), self.k_norm(k.view(b, -1, self.hd))
+        q = q.view(b, -1, self.n_heads, self.hd)
+        k = k.view(b, -1, self.n_kv, self.hd)
         v = self.wv(x).view(b, -1, self.n_kv, self.hd)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
         return q, k, v

@@ -87,9 +87,9 @@ def _random_causal_lm(arch: str):
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=260, n_embd=64, n_layer=2, n_head=4, n_positions=96, bos_token_id=256, eos_token_id=256))
     if arch == "gemma3":
-        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(  # one KV head, as Gemma 3 270M
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
+            num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
             sliding_window=64, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
             bos_token_id=256, eos_token_id=256))
     return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
