@@ -124,7 +124,9 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
     prompt = "The lighthouse keeper"
     for fmt in ("pte", "onnx", "tflite"):
         engine = Engine.load(out / fmt, threads=2)
-        assert engine.manifest.model.arch == arch and engine.manifest.verification["parity"]["passed"]
+        parity = engine.manifest.verification["parity"]
+        assert engine.manifest.model.arch == arch and parity["passed"]
+        assert parity["max_abs_err"] < 1e-4, (fmt, parity)  # GPT-2's tanh GELU is that GELU in XNNPACK too
         ids = engine.encode_prompt(prompt)
         got = list(engine.generate_ids(ids, max_new_tokens=24))
         with torch.no_grad():

@@ -216,6 +216,30 @@ def test_smooth_option_is_checked():
     assert "smooth" not in QuantSpec("w8a8").to_dict()
 
 
+def test_a_failed_format_all_leaves_no_empty_output(tmp_path, monkeypatch):
+    """The first format failing leaves no empty OUT behind, which would make the next run ask for --force."""
+    from edgelm.converters import pipeline
+    from edgelm.errors import ConversionError
+
+    real = pipeline.get_lowering
+
+    def failing(fmt, scheme):
+        ext, lower = real(fmt, scheme)
+
+        def lower_or_fail(model, out, opts):
+            if fmt == "pte":
+                raise ConversionError("pte failed on purpose")
+            return lower(model, out, opts)
+
+        return ext, lower_or_fail
+
+    monkeypatch.setattr(pipeline, "get_lowering", failing)
+    with pytest.raises(ConversionError, match="on purpose"):
+        pipeline.convert(pipeline.ConvertOptions(source="builtin:tiny", out=tmp_path / "all", format="all",
+                                                 progress=False))
+    assert not (tmp_path / "all").exists()
+
+
 def test_smooth_is_refused_for_other_formats(tmp_path):
     with pytest.raises(FormatError, match="not onnx"):
         convert_bundle(tmp_path / "o", fmt="onnx", scheme="w8a8", smooth=0.5)
