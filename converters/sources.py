@@ -88,8 +88,6 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         return _config_from_gpt2(hf, max_context)
     if arch == "gemma3":
         return _config_from_gemma3(hf, max_context)
-    n_heads = hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
     ctx = _within_window(hf, ctx)
@@ -107,14 +105,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     attn_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         arch=arch,
-        vocab_size=hf.vocab_size,
-        dim=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
-        ffn_dim=hf.intermediate_size,
-        head_dim=head_dim,
-        norm_eps=float(hf.rms_norm_eps),
+        **_shape(hf),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling or None,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -122,6 +113,21 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         o_bias=attn_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         max_context=ctx,
+    )
+
+
+def _shape(hf: Any) -> dict[str, Any]:
+    """The fields every ``transformers`` config of the RMSNorm families spells the same way."""
+    n_heads = hf.num_attention_heads
+    return dict(
+        vocab_size=hf.vocab_size,
+        dim=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
+        ffn_dim=hf.intermediate_size,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
+        norm_eps=float(hf.rms_norm_eps),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf),
     )
@@ -198,25 +204,15 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
     if _checked_rope(local, limit) is not None:
         raise SourceError(f"RoPE scaling {rope_type(local)!r} on Gemma's sliding-window layers is not supported yet")
     local_layers = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
-    n_heads = hf.num_attention_heads
     return ModelConfig(
         arch="gemma3",
-        vocab_size=hf.vocab_size,
-        dim=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
-        ffn_dim=hf.intermediate_size,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
-        norm_eps=float(hf.rms_norm_eps),
+        **_shape(hf),
         rope_theta=float(full.get("rope_theta", 1_000_000.0)),
         rope_scaling=_checked_rope(full, limit),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=bool(getattr(hf, "attention_bias", False)),
         o_bias=bool(getattr(hf, "attention_bias", False)),
         max_context=_within_window(hf, _context(limit, max_context)),
-        bos_token_id=getattr(hf, "bos_token_id", None),
-        eos_token_ids=_eos_ids(hf),
         local_layers=local_layers or None,
         local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local_layers else None,
     )

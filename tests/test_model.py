@@ -10,6 +10,16 @@ from edgelm.converters.model import build_decoder, state_dict_from_hf
 from edgelm.converters.sources import config_from_hf, tiny_config
 
 
+def _random_hf(cls_model, hf_cfg):
+    """A transformers model with seeded weights of std 0.2 (away from init, so logits differ)."""
+    torch.manual_seed(0)
+    hf = cls_model(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    return hf
+
+
 def _hf_pair(model_type: str, **kw):
     import transformers
 
@@ -19,13 +29,9 @@ def _hf_pair(model_type: str, **kw):
     cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
                  "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "phi3": transformers.Phi3ForCausalLM}[model_type]
-    hf_cfg = cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **kw)
-    torch.manual_seed(0)
-    hf = cls_model(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2)
+    hf = _random_hf(cls_model, cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       **kw))
     cfg = config_from_hf(hf.config, max_context=64)
     return hf, build_decoder(cfg, state_dict_from_hf(hf.state_dict(), cfg))
 
@@ -90,6 +96,17 @@ def test_unsupported_rope_scaling_is_a_clear_source_error():
         config_from_hf(phi, max_context=64)
 
 
+def _assert_stateful_decoding_matches(hf, cfg, sd) -> None:
+    """A prefill, two single-token decodes and another prefill, in both stateful cache modes."""
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    for impl in ("plain", "executorch"):
+        stateful = build_decoder(cfg, sd).make_stateful(impl)
+        stateful.full_logits = True
+        assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
+
+
 def _gemma3_pair(max_context: int = 64, **kw):
     import transformers
 
@@ -97,11 +114,7 @@ def _gemma3_pair(max_context: int = 64, **kw):
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
         sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, **kw)
-    torch.manual_seed(0)
-    hf = transformers.Gemma3ForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2)
+    hf = _random_hf(transformers.Gemma3ForCausalLM, hf_cfg)
     cfg = config_from_hf(hf.config, max_context=max_context)
     return hf, cfg, state_dict_from_hf(hf.state_dict(), cfg, hf.config)
 
@@ -116,13 +129,7 @@ def test_gemma3_logits_match_transformers(kw):
     assert cfg.local_layers == [0, 2] and cfg.local_rope_theta == 10_000.0 and cfg.rope_theta == 1_000_000.0
     assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
     _assert_logits_match(hf, build_decoder(cfg, sd), 40)
-    ids = torch.randint(0, 300, (1, 40))
-    with torch.no_grad():
-        ref = hf(ids).logits
-    for impl in ("plain", "executorch"):
-        stateful = build_decoder(cfg, sd).make_stateful(impl)
-        stateful.full_logits = True
-        assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
+    _assert_stateful_decoding_matches(hf, cfg, sd)
 
 
 def test_gemma3_context_stops_at_the_window_and_config_round_trips():
@@ -137,11 +144,7 @@ def _gpt2_pair(n_positions: int = 96, max_context: int = 64, **kw):
 
     hf_cfg = transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=3, n_head=4, n_positions=n_positions,
                                      bos_token_id=0, eos_token_id=0, **kw)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2)
+    hf = _random_hf(transformers.GPT2LMHeadModel, hf_cfg)
     cfg = config_from_hf(hf.config, max_context=max_context)
     return hf, cfg, state_dict_from_hf(hf.state_dict(), cfg)
 
@@ -154,13 +157,7 @@ def test_gpt2_logits_match_transformers():
     model = build_decoder(cfg, sd)
     assert model.pos_embeddings.weight.shape == (64, 64) and model.rope_cos is None
     _assert_logits_match(hf, model, 40)
-    ids = torch.randint(0, 300, (1, 40))  # decoding past the prompt uses the right position rows
-    with torch.no_grad():
-        ref = hf(ids).logits
-    for impl in ("plain", "executorch"):
-        stateful = build_decoder(cfg, sd).make_stateful(impl)
-        stateful.full_logits = True
-        assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
+    _assert_stateful_decoding_matches(hf, cfg, sd)  # decoding past the prompt uses the right position rows
 
 
 def test_gpt2_context_and_unsupported_variants():
