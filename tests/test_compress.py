@@ -154,6 +154,23 @@ def test_gpt2_prunes_and_factors_exactly(calib):
     assert parameter_count(build_decoder(cfg2, sd2)) == cfg2.num_parameters() < cfg.num_parameters()
 
 
+def test_gpt2_learned_positions_bound_checkpoints_and_distillation(tmp_path):
+    """A GPT-2 has positions only as far as its table: a checkpoint opened with a longer context is
+    capped there, and teacher sequences that need more are a clear error."""
+    from edgelm.converters.compress.checkpoint import load_checkpoint, save_checkpoint
+    from edgelm.converters.compress.options import CompressOptions
+    from edgelm.converters.compress.recipe import compress_source
+
+    src = load_tiny(arch="gpt2", n_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True, max_context=32)
+    ckpt = save_checkpoint(src, tmp_path / "ckpt")
+    assert load_checkpoint(ckpt, max_context=500).config.max_context == 32
+    short = load_checkpoint(ckpt, max_context=16)
+    assert build_decoder(short.config, short.state_dict).pos_embeddings.weight.shape == (16, 64)
+    opts = CompressOptions(distill_steps=1, distill_sequences=1, distill_seq_len=64, evaluate=False)
+    with pytest.raises(CompressionError, match="learned positions for 32 tokens"):
+        compress_source(src, opts, progress=False)
+
+
 def test_dropping_layers_keeps_each_layers_rotary_base():
     """Gemma 3's sliding-window layers use their own rotary base: the survivors keep theirs."""
     src = load_tiny(n_layers=4, arch="gemma3", local_layers=[0, 2], local_rope_theta=1e4, rope_theta=1e6)
