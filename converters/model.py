@@ -215,6 +215,7 @@ class Attention(nn.Module):
         self.wv = make_linear(cfg, p + "wv", cfg.qkv_bias)
         self.wo = make_linear(cfg, p + "wo", cfg.o_bias)
         self.max_context = cfg.max_context
+        self.window = cfg.window(layer)  # sliding-window layers attend to the last `window` positions
         self.impl = "plain"
         self.stateful = False
 
@@ -259,7 +260,10 @@ class Attention(nn.Module):
         if self.impl == "executorch":
             torch.ops.llama.update_cache(k, self.k_cache, start_pos)
             torch.ops.llama.update_cache(v, self.v_cache, start_pos)
-            out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+            if mask is None:  # causal over [0, start_pos + S)
+                out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
+            else:  # a sliding window: the kernel takes a [S, T] mask over the whole cache instead
+                out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, 0, mask, 0, False)
             return self.wo(out.reshape(x.shape[0], -1, self.n_heads * self.hd)), None
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         if self.stateful:
@@ -308,12 +312,22 @@ class Block(nn.Module):
         # Gemma 3 also normalizes each branch's output before the residual add
         self.attn_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.mlp_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
-        self.local_rope = layer in (cfg.local_layers or ())
+        self.local_rope = cfg.local_rope(layer)
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
         a, new_kv = self.attn(self.attn_norm(x), cos, sin, rot, pos, mask, start_pos, cache)
         x = x + self.attn_post_norm(a)
         return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x))), new_kv
+
+
+def attention_mask(pos: torch.Tensor, t: int, window: int | None = None) -> torch.Tensor:
+    """Additive ``[S, t]`` mask of the queries at positions ``pos`` ([S]) over cache rows ``[0, t)``:
+    causal, and with ``window`` only the last ``window`` positions (the query's own included)."""
+    rows = torch.arange(t, dtype=pos.dtype)[None, :]
+    allowed = rows <= pos[:, None]
+    if window is not None:
+        allowed = allowed & (rows > pos[:, None] - window)
+    return torch.where(allowed, 0.0, float("-inf"))
 
 
 class Decoder(nn.Module):
@@ -346,7 +360,7 @@ class Decoder(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rot", rot, persistent=False)
         local = None, None  # Gemma 3's sliding-window layers: their own base, no scaling
-        if cfg.local_layers:
+        if cfg.local_rope_theta:
             local = rope_tables(dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None))
         self.register_buffer("rope_cos_local", local[0], persistent=False)
         self.register_buffer("rope_sin_local", local[1], persistent=False)
@@ -402,12 +416,14 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, caches=None):
         s = tokens.shape[1]
         t = self.cfg.max_context
+        window = self.cfg.sliding_window
         if self.impl == "executorch":
             start_pos = input_pos[0].item()
             torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
             rotary = self._rotary(start_pos, None, s)
-            pos = mask = None
+            pos = mask = None  # custom_sdpa is causal by itself
+            local_mask = None if window is None else attention_mask(start_pos + torch.arange(s), t, window)
         else:
             start_pos = None
             pos = input_pos[0] + torch.arange(s, dtype=torch.long)
@@ -417,8 +433,8 @@ class Decoder(nn.Module):
                 torch._check(start_pos >= 0)
                 torch._check(start_pos + s <= t)
                 t = start_pos + s
-            allowed = torch.arange(t, dtype=torch.long)[None, :] <= pos[:, None]
-            mask = torch.where(allowed, 0.0, float("-inf"))
+            mask = attention_mask(pos, t)
+            local_mask = None if window is None else attention_mask(pos, t, window)
         positions = None
         if self.pos_embeddings is not None:
             positions = input_pos[0] + torch.arange(s, dtype=torch.long) if pos is None else pos
@@ -426,7 +442,8 @@ class Decoder(nn.Module):
         new_rows = []
         for i, block in enumerate(self.layers):
             cos, sin = rotary[block.local_rope]
-            x, kv = block(x, cos, sin, self.rope_rot, pos, mask, start_pos, None if caches is None else caches[i])
+            m = mask if block.attn.window is None else local_mask
+            x, kv = block(x, cos, sin, self.rope_rot, pos, m, start_pos, None if caches is None else caches[i])
             new_rows.append(kv)
         if not self.full_logits:
             x = x[:, -1:, :]

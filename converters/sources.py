@@ -90,7 +90,6 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         return _config_from_gemma3(hf, max_context)
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
-    ctx = _within_window(hf, ctx)
     rope_params = getattr(hf, "rope_parameters", None) or {}
     rope_scaling = getattr(hf, "rope_scaling", None) or None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
@@ -113,6 +112,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         o_bias=attn_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         max_context=ctx,
+        **_window(hf, ctx),
     )
 
 
@@ -163,15 +163,15 @@ def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
     )
 
 
-def _within_window(hf: Any, ctx: int) -> int:
+def _window(hf: Any, ctx: int) -> dict[str, Any]:
+    """``sliding_window`` and its ``local_layers`` (None: all) when a window is shorter than the context;
+    within the window, sliding-window attention is plain causal attention and the bundle stays as before."""
     window = _sliding_window(hf)
-    if window is not None and ctx > window:
-        # Within the window, sliding-window attention is full causal attention; past it the
-        # canonical decoder (full attention over a static cache) would silently differ.
-        log.warning("the model attends over a sliding window of %d tokens; capping max_context %d to it",
-                    window, ctx)
-        ctx = window
-    return ctx
+    if window is None or window >= ctx:
+        return {}
+    layer_types = getattr(hf, "layer_types", None)
+    local = None if layer_types is None else [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    return {"sliding_window": window, "local_layers": local}
 
 
 def _checked_rope(params: dict[str, Any], limit: int) -> dict[str, Any] | None:
@@ -204,6 +204,7 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
     if _checked_rope(local, limit) is not None:
         raise SourceError(f"RoPE scaling {rope_type(local)!r} on Gemma's sliding-window layers is not supported yet")
     local_layers = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
+    ctx = _context(limit, max_context)
     return ModelConfig(
         arch="gemma3",
         **_shape(hf),
@@ -212,9 +213,10 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         qkv_bias=bool(getattr(hf, "attention_bias", False)),
         o_bias=bool(getattr(hf, "attention_bias", False)),
-        max_context=_within_window(hf, _context(limit, max_context)),
+        max_context=ctx,
         local_layers=local_layers or None,
         local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local_layers else None,
+        sliding_window=_window(hf, ctx).get("sliding_window"),
     )
 
 

@@ -42,10 +42,13 @@ class ModelConfig:
     # low-rank factorization (converters/compress): module path in a block, e.g. "layers.3.mlp.w_down",
     # -> rank r of its two-matrix form (in -> r -> out). None: every linear is a plain matrix.
     low_rank: dict[str, int] | None = None
-    # Gemma 3: the layers whose rotary embedding uses ``local_rope_theta`` (and no scaling) instead of
-    # rope_theta / rope_scaling (its sliding-window layers). None: every layer uses the global one.
+    # The sliding-window layers (Gemma 3's local layers, Qwen2's upper ones). With ``sliding_window``
+    # set, a position in them attends to itself and the ``sliding_window - 1`` before it (None: every
+    # layer does). With ``local_rope_theta`` set (Gemma 3), their rotary embedding uses that base and no
+    # scaling instead of rope_theta / rope_scaling.
     local_layers: list[int] | None = None
     local_rope_theta: float | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -63,15 +66,18 @@ class ModelConfig:
                 raise ValueError(f"layer {i}: {h} query heads cannot be grouped over {kv} KV heads")
         if self.local_layers is not None:
             self.local_layers = sorted(int(i) for i in self.local_layers)
-            if any(not 0 <= i < self.n_layers for i in self.local_layers) or not self.local_rope_theta:
-                raise ValueError(f"local_layers {self.local_layers} need indices below {self.n_layers} "
-                                 "and a local_rope_theta")
+            if any(not 0 <= i < self.n_layers for i in self.local_layers):
+                raise ValueError(f"local_layers {self.local_layers} need indices below {self.n_layers}")
+            if not (self.local_rope_theta or self.sliding_window):
+                raise ValueError("local_layers need a local_rope_theta or a sliding_window")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens, not {self.sliding_window}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the form stored in ``edgelm.json``)."""
         data = asdict(self)
         # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
-        for name in ("low_rank", "local_layers", "local_rope_theta"):
+        for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window"):
             if not data[name]:
                 data.pop(name)
         return data
@@ -155,6 +161,16 @@ class ModelConfig:
                   "wv": (d, self.n_kv_heads[i] * hd), "wo": (self.n_heads[i] * hd, d),
                   "w_gate": (d, self.ffn_dim[i]), "w_up": (d, self.ffn_dim[i]), "w_down": (self.ffn_dim[i], d)}
         return shapes[proj]
+
+    def window(self, layer: int) -> int | None:
+        """How many positions (itself included) a position of ``layer`` attends to; None: all before it."""
+        if self.sliding_window is None or (self.local_layers is not None and layer not in self.local_layers):
+            return None
+        return self.sliding_window
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether ``layer`` takes its rotary embedding from ``local_rope_theta`` (Gemma 3's local layers)."""
+        return bool(self.local_rope_theta) and layer in (self.local_layers or ())
 
     def kv_cache_shape(self, layer: int) -> tuple[int, int, int, int]:
         """[batch, kv_heads, max_context, head_dim] of one layer's K (or V) cache."""

@@ -171,15 +171,20 @@ def test_gpt2_learned_positions_bound_checkpoints_and_distillation(tmp_path):
         compress_source(src, opts, progress=False)
 
 
-def test_dropping_layers_keeps_each_layers_rotary_base():
-    """Gemma 3's sliding-window layers use their own rotary base: the survivors keep theirs."""
-    src = load_tiny(n_layers=4, arch="gemma3", local_layers=[0, 2], local_rope_theta=1e4, rope_theta=1e6)
+def test_dropping_layers_keeps_each_layers_rotary_base_and_window():
+    """Gemma 3's sliding-window layers use their own rotary base and window: the survivors keep theirs."""
+    src = load_tiny(n_layers=4, arch="gemma3", local_layers=[0, 2], local_rope_theta=1e4, rope_theta=1e6,
+                    sliding_window=8)
     cfg, sd = drop_layers(src.config, src.state_dict, [1])
-    assert cfg.local_layers == [0, 1] and cfg.local_rope_theta == 1e4
+    assert (cfg.local_layers, cfg.local_rope_theta, cfg.sliding_window) == ([0, 1], 1e4, 8)
     cfg, sd = drop_layers(cfg, sd, [0, 1])
-    assert cfg.local_layers is None and cfg.local_rope_theta is None and cfg.n_layers == 1
+    assert (cfg.local_layers, cfg.local_rope_theta, cfg.sliding_window, cfg.n_layers) == (None, None, None, 1)
     model = build_decoder(cfg, sd)
-    assert model.rope_cos_local is None and not model.layers[0].local_rope
+    assert model.rope_cos_local is None and not model.layers[0].local_rope and model.layers[0].attn.window is None
+    # Mistral: every layer slides (local_layers None), and still does after a drop
+    src = load_tiny(n_layers=3, sliding_window=8)
+    cfg, _ = drop_layers(src.config, src.state_dict, [1])
+    assert (cfg.local_layers, cfg.sliding_window, cfg.window(1)) == (None, 8, 8)
 
 
 def _pruned_pair(src, calib):

@@ -72,12 +72,21 @@ def test_config_from_hf_reads_qwen_bias_and_llama3_rope():
     assert model.cfg.arch == "qwen2"
 
 
-def test_sliding_window_caps_the_context_where_attention_stays_exact():
+def test_sliding_window_attention_matches_transformers_past_the_window():
     hf, model = _hf_pair("mistral", sliding_window=16)
-    assert model.cfg.max_context == 16  # asked for 64: past the window, full attention would differ
-    _assert_logits_match(hf, model, 16)
+    assert (model.cfg.max_context, model.cfg.sliding_window, model.cfg.local_layers) == (64, 16, None)
+    _assert_logits_match(hf, model, 48)
+    _assert_stateful_decoding_matches(hf, model.cfg, model.state_dict())
+    # Qwen2 slides from layer max_window_layers up: layer 2 only
+    hf, model = _hf_pair("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert (model.cfg.sliding_window, model.cfg.local_layers, model.cfg.local_rope_theta) == (8, [2], None)
+    assert [model.cfg.window(i) for i in range(3)] == [None, None, 8]
+    _assert_logits_match(hf, model, 40)
+    _assert_stateful_decoding_matches(hf, model.cfg, model.state_dict())
     hf, model = _hf_pair("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=3)
-    assert model.cfg.max_context == 64  # max_window_layers=3 of 3: no layer slides
+    assert model.cfg.sliding_window is None  # max_window_layers=3 of 3: no layer slides
+    hf, model = _hf_pair("mistral", sliding_window=64)
+    assert "sliding_window" not in model.cfg.to_dict()  # a window as long as the context changes nothing
 
 
 def test_unsupported_rope_scaling_is_a_clear_source_error():
@@ -113,7 +122,7 @@ def _gemma3_pair(max_context: int = 64, **kw):
     hf_cfg = transformers.Gemma3TextConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
-        sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, **kw)
+        layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, **{"sliding_window": 128, **kw})
     hf = _random_hf(transformers.Gemma3ForCausalLM, hf_cfg)
     cfg = config_from_hf(hf.config, max_context=max_context)
     return hf, cfg, state_dict_from_hf(hf.state_dict(), cfg, hf.config)
@@ -132,11 +141,18 @@ def test_gemma3_logits_match_transformers(kw):
     _assert_stateful_decoding_matches(hf, cfg, sd)
 
 
-def test_gemma3_context_stops_at_the_window_and_config_round_trips():
-    _, cfg, _ = _gemma3_pair(max_context=200)
-    assert cfg.max_context == 128  # the sliding window
+def test_gemma3_sliding_window_past_the_window_and_config_round_trips():
+    hf, cfg, sd = _gemma3_pair(sliding_window=12)
+    assert (cfg.max_context, cfg.sliding_window, cfg.local_layers) == (64, 12, [0, 2])
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    assert "local_layers" not in tiny_config().to_dict()  # older runtimes still read the other manifests
+    _assert_logits_match(hf, build_decoder(cfg, sd), 40)
+    _assert_stateful_decoding_matches(hf, cfg, sd)
+    _, cfg, _ = _gemma3_pair(max_context=200)
+    assert (cfg.max_context, cfg.sliding_window) == (200, 128)  # no longer capped at the window
+    _, cfg, _ = _gemma3_pair(max_context=128)
+    assert cfg.sliding_window is None  # the window covers the context: plain causal attention
+    for name in ("local_layers", "sliding_window"):
+        assert name not in tiny_config().to_dict()  # older runtimes still read the other manifests
 
 
 def _gpt2_pair(n_positions: int = 96, max_context: int = 64, **kw):

@@ -59,11 +59,13 @@ def drop_layers(cfg: ModelConfig, sd: StateDict, drop: list[int]) -> tuple[Model
             _, idx, rest = name.split(".", 2)
             if int(idx) not in drop_set:
                 low_rank[f"layers.{new_index[int(idx)]}.{rest}"] = r
-    local = [new_index[i] for i in cfg.local_layers or () if i not in drop_set]  # Gemma 3's rotary bases
+    # the local (sliding-window, Gemma 3 rotary) layers that stay; None still means every layer slides
+    local = None if cfg.local_layers is None else [new_index[i] for i in cfg.local_layers if i not in drop_set]
     new = _replace(cfg, n_layers=len(keep), n_heads=[cfg.n_heads[i] for i in keep],
                    n_kv_heads=[cfg.n_kv_heads[i] for i in keep], ffn_dim=[cfg.ffn_dim[i] for i in keep],
                    low_rank=low_rank or None, local_layers=local or None,
-                   local_rope_theta=cfg.local_rope_theta if local else None)
+                   local_rope_theta=cfg.local_rope_theta if local else None,
+                   sliding_window=cfg.sliding_window if local is None or local else None)
     return new, out
 
 

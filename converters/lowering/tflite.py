@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
+from edgelm.converters.model import attention_mask
 from edgelm.converters.quant import smooth_activations
 from edgelm.errors import ConversionError, FormatError
 
@@ -138,6 +139,10 @@ class LiteRTStep(nn.Module):
         self.register_buffer("offsets", torch.arange(seq_len, dtype=torch.int32), persistent=False)
         self.register_buffer("causal", torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1),
                              persistent=False)
+        self.window = decoder.cfg.sliding_window
+        if self.window is not None:  # the new rows' part of the sliding-window layers' mask
+            self.register_buffer("local_causal", attention_mask(torch.arange(seq_len), seq_len, self.window),
+                                 persistent=False)
 
     def forward(self, tokens, input_pos, k_cache, v_cache, last_index=None):
         m, s, t = self.decoder, self.seq_len, self.decoder.cfg.max_context
@@ -145,12 +150,19 @@ class LiteRTStep(nn.Module):
         pos = torch.clamp(start + self.offsets, max=t - 1)
         old = torch.where(self.cache_index < start, 0.0, float("-inf"))
         mask = torch.cat((old[None, :].expand(s, t), self.causal), dim=1)
+        if self.window is not None:  # cache rows within the window of each query: (pos - window, start)
+            first = (start + self.offsets - self.window)[:, None]
+            old_local = torch.where((self.cache_index[None, :] < start) & (self.cache_index[None, :] > first),
+                                    0.0, float("-inf"))
+            local_mask = torch.cat((old_local, self.local_causal), dim=1)
         x = m.embed(tokens, pos)
         rotary = m._rotary(None, pos, s)
         out = {}
         for i, block in enumerate(m.layers):
             cos, sin = rotary[block.local_rope]
-            a, k, v = _attention(block.attn, block.attn_norm(x), cos, sin, m.rope_rot, k_cache[i], v_cache[i], mask)
+            layer_mask = mask if block.attn.window is None else local_mask
+            a, k, v = _attention(block.attn, block.attn_norm(x), cos, sin, m.rope_rot, k_cache[i], v_cache[i],
+                                 layer_mask)
             x = x + block.attn_post_norm(a)
             x = x + block.mlp_post_norm(block.mlp(block.mlp_norm(x)))
             out[K_NEW.format(layer=i)], out[V_NEW.format(layer=i)] = k, v
