@@ -64,21 +64,24 @@ def row_name_and_size(engine) -> tuple[str, int]:
         dm = engine.draft.manifest
         name += f" + draft {_bundle_label(dm).removeprefix('edgelm ')} (speculative, {engine.draft_tokens} tokens)"
         size += _model_bytes(dm)
+    elif engine.lookup:
+        name += f" + prompt lookup (speculative, up to {engine.draft_tokens} tokens)"
     return name, size
 
 
 def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
                  warmup: int = 1, threads: int | None = None, chat: bool = True, draft: str | None = None,
-                 draft_tokens: int = 5) -> dict[str, Any]:
+                 draft_tokens: int = 5, lookup: int = 0) -> dict[str, Any]:
     """Time ``runs`` greedy generations of exactly ``new_tokens`` tokens from ``bundle``
-    (speculatively with ``draft`` proposing ``draft_tokens`` at a time, when given)."""
+    (speculatively with ``draft``, or with prompt lookup of up to ``lookup``-grams, proposing
+    up to ``draft_tokens`` at a time, when given)."""
     from edgelm.runtime import Engine
 
     t = time.perf_counter()
-    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens)
+    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens, lookup=lookup)
     load_s = time.perf_counter() - t
     ids = engine.encode_prompt(prompt, chat=chat and bool(engine.manifest.chat_template))
-    keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share"] + (["acceptance"] if engine.draft else [])
+    keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share"] + (["acceptance"] if engine.speculative else [])
     samples: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(warmup + runs):
         for _ in engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True):
@@ -89,7 +92,11 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
                 samples[k].append(getattr(s, k))
     m = engine.manifest
     name, size = row_name_and_size(engine)
-    extra = {"draft": str(draft), "draft_tokens": draft_tokens} if engine.draft is not None else {}
+    extra: dict[str, Any] = {"draft_tokens": engine.draft_tokens} if engine.speculative else {}
+    if engine.draft is not None:
+        extra["draft"] = str(draft)
+    if engine.lookup:
+        extra["lookup"] = engine.lookup
     return {
         "name": name, "kind": "bundle", "bundle": str(bundle), **extra, "format": m.format,
         "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),

@@ -69,9 +69,13 @@ def entry() -> None:
 
 
 def _draft_options(f):
-    """``--draft`` / ``--draft-tokens``: speculative decoding with a smaller bundle."""
+    """``--draft`` / ``--lookup`` / ``--draft-tokens``: speculative decoding."""
     f = click.option("--draft-tokens", type=click.IntRange(1, 15), default=5, show_default=True,
-                     help="Tokens the draft proposes per verify pass.")(f)
+                     help="Most tokens proposed per verify pass (--draft or --lookup).")(f)
+    f = click.option("--lookup", is_flag=True,
+                     help="Prompt-lookup decoding: no draft model; tokens that followed the last 3 (or 2) tokens "
+                     "earlier in the prompt and output are proposed and BUNDLE (a .pte) checks them in one pass. "
+                     "Same greedy output; faster where the answer repeats its context (summaries, edits).")(f)
     return click.option("--draft", type=click.Path(path_type=Path), default=None,
                         help="A smaller bundle of the same model (e.g. its w8a8 .pte) that proposes tokens; BUNDLE "
                         "(a .pte) checks several per pass: speculative decoding, same greedy output.")(f)
@@ -320,12 +324,14 @@ def _template_vars(ctx: click.Context, param: click.Parameter, values: tuple[str
 @click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed.")
 def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, template_vars: dict[str, Any],
         max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-        stops: tuple[str, ...], truncate: bool, threads: int | None, draft: Path | None, draft_tokens: int,
-        stats: bool) -> None:
+        stops: tuple[str, ...], truncate: bool, threads: int | None, draft: Path | None, lookup: bool,
+        draft_tokens: int, stats: bool) -> None:
     """Stream the model's answer to PROMPT from BUNDLE."""
     from edgelm.runtime import Engine, SamplingConfig
 
-    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens)
+    if draft is not None and lookup:
+        raise click.UsageError("--draft and --lookup are two ways to propose tokens; give one")
+    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens, lookup=3 if lookup else 0)
     use_chat = bool(engine.manifest.chat_template) if chat is None else chat
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
@@ -346,7 +352,7 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, templa
             f"prefill {s.prefill_tps:.1f} tokens/s; decode {s.decode_tps:.1f} tokens/s; "
             f"runtime overhead {s.overhead_share:.1%} of decode time"
             + (f"; speculative: {s.accepted_tokens} of {s.draft_tokens} draft tokens accepted ({s.acceptance:.0%})"
-               if engine.draft is not None else ""),
+               if engine.speculative else ""),
             err=True,
         )
 
@@ -398,18 +404,20 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 @device_options(required=False)
 def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, warmup: int,
           new_tokens: int, prompt: str | None, json_out: Path | None, small_pages: bool, draft: Path | None,
-          draft_tokens: int, device: str | None, workdir: str | None, ssh_config: Path | None, install: bool,
-          device_python: str | None, connect_timeout: int, pip_args: tuple[str, ...]) -> None:
+          lookup: bool, draft_tokens: int, device: str | None, workdir: str | None,
+          ssh_config: Path | None, install: bool, device_python: str | None, connect_timeout: int,
+          pip_args: tuple[str, ...]) -> None:
     """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
 
     Each row runs in its own process with the same thread count and prompt; figures are medians
-    of --runs timed generations of exactly --new-tokens tokens after --warmup. With --draft every
-    bundle gets a second row decoding speculatively with that draft. With --device the bundles
-    are deployed (as `edgelm deploy` does) and timed on that device instead.
+    of --runs timed generations of exactly --new-tokens tokens after --warmup. With --draft (--lookup)
+    every bundle gets another row decoding speculatively with that draft (with prompt lookup). With
+    --device the bundles are deployed (as `edgelm deploy` does) and timed on that device instead.
     """
     from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row
 
     to_stdout = json_out is not None and str(json_out) == "-"
+    n_lookup = 3 if lookup else 0
     if device is not None:
         if not bundles:
             raise click.UsageError("give at least one bundle to run on the device")
@@ -425,7 +433,7 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
                                            device_python=device_python, connect_timeout=connect_timeout,
                                            threads=threads, runs=runs, warmup=warmup, new_tokens=new_tokens,
                                            prompt=prompt, json_out=None, pip_args=pip_args, draft=draft,
-                                           draft_tokens=draft_tokens)
+                                           draft_tokens=draft_tokens, lookup=n_lookup)
             from edgelm.deploy.remote_bench import device_report
 
             click.echo(buf.getvalue(), err=True, nl=False)
@@ -434,7 +442,7 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
         run_device_bench(bundles, device, workdir=workdir, ssh_config=ssh_config, install=install,
                          device_python=device_python, connect_timeout=connect_timeout, threads=threads, runs=runs,
                          warmup=warmup, new_tokens=new_tokens, prompt=prompt, json_out=json_out, pip_args=pip_args,
-                         draft=draft, draft_tokens=draft_tokens)
+                         draft=draft, draft_tokens=draft_tokens, lookup=n_lookup)
         return
     if not bundles and not eager:
         raise click.UsageError("give at least one bundle, or --eager")
@@ -448,6 +456,9 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
             rows.append({"kind": "bundle", "bundle": str(b), **common, **v})
             if draft is not None:
                 rows.append({"kind": "bundle", "bundle": str(b), "draft": str(draft), "draft_tokens": draft_tokens,
+                             **common, **v})
+            if lookup:
+                rows.append({"kind": "bundle", "bundle": str(b), "lookup": n_lookup, "draft_tokens": draft_tokens,
                              **common, **v})
     results = []
     for row in rows:

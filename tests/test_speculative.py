@@ -1,4 +1,4 @@
-"""Speculative decoding: a draft bundle proposes, the target .pte checks in one verify pass."""
+"""Speculative decoding: a draft bundle (or prompt lookup) proposes, the target .pte checks in one verify pass."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from edgelm.errors import BundleError
 from edgelm.runtime import Engine, SamplingConfig
+from edgelm.runtime.drafting import FIRST_LOOKUP_LENGTH, LookupDrafter
 from edgelm.sampling import Sampler
 
 from .conftest import TINY, convert_bundle
@@ -106,10 +107,13 @@ def test_sampling_with_a_draft_is_seeded(tiny_pte, draft):
     assert a == b and spec.last_stats.draft_tokens > 0
 
 
-def test_accept_draft_keeps_the_target_distribution():
+@pytest.mark.parametrize("one_hot", [False, True])  # True: prompt lookup's sure proposals
+def test_accept_draft_keeps_the_target_distribution(one_hot):
     """Draw from q, test against p: what comes out must be distributed as p, not q."""
     rng = np.random.default_rng(0)
     p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+    if one_hot:
+        q = np.eye(6)[int(np.argmin(p))]
     sampler = Sampler(SamplingConfig(temperature=1.0, seed=1))
     n = 40_000
     counts = np.zeros(6)
@@ -164,3 +168,102 @@ def test_pte_prefill_and_decode_delegate_alike(tiny_pte):
     assert d["prefill"]["delegates"] <= d["decode"]["delegates"] + 1
     assert d["prefill"]["not_delegated"] <= d["decode"]["not_delegated"] + 8
     assert m["io"]["max_verify"] == 16 and m["io"]["methods"] == ["prefill", "decode"]
+
+
+def _brute_lookup(history, k, max_ngram=3, min_ngram=2):
+    for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
+        starts = [i for i in range(len(history) - n) if history[i:i + n] == history[-n:]]
+        if starts:
+            return history[starts[-1] + n:starts[-1] + n + k]
+    return []
+
+
+def test_lookup_finds_the_latest_longest_ngram():
+    #        0  1  2  3  4  5  6  7  8  9 10 11
+    hist = [1, 2, 3, 9, 8, 2, 3, 7, 6, 1, 2, 3]
+    # [2, 3] recurs at 1 and 5, but the trigram [1, 2, 3] (at 0) wins
+    assert LookupDrafter().lookup(hist, 4) == [9, 8, 2, 3]
+    # only the bigram recurs: its latest occurrence
+    assert LookupDrafter().lookup(hist[:-1] + [4, 2, 3], 2) == [7, 6]
+    assert LookupDrafter().lookup([5, 6, 7, 8, 6], 4) == []  # a lone token is not looked up (min_ngram 2)
+    assert LookupDrafter(3, 1).lookup([5, 6, 7, 8, 6], 4) == [7, 8, 6]
+    assert LookupDrafter().lookup([4, 4], 3) == [] and LookupDrafter().lookup([4, 4, 4], 3) == [4]
+    with pytest.raises(ValueError, match="min_ngram"):
+        LookupDrafter(2, 3)
+
+
+def test_lookup_as_the_history_grows_equals_a_fresh_scan():
+    """The drafter indexes the history as it grows (one or several tokens a step, as accepted runs
+    come); every answer must be the one a scan of the whole history gives."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        d = LookupDrafter()
+        d.start([])
+        hist = rng.integers(0, 6, size=5).tolist()
+        while len(hist) < 120:
+            assert d.lookup(hist, 5) == _brute_lookup(hist, 5), (trial, hist)
+            hist += rng.integers(0, 6, size=int(rng.integers(1, 5))).tolist()
+
+
+def test_lookup_proposals_start_short_shrink_after_rejections_and_grow_back():
+    d = LookupDrafter()
+    greedy = Sampler(SamplingConfig())
+    hist = list(range(20)) * 2 + [0, 1]  # every tail recurs, with 18 tokens after it
+    assert len(d.propose(1, 0, 8, hist, greedy)[0]) == FIRST_LOOKUP_LENGTH == 2
+    for n in (2, 4, 6, 8):  # every run accepted: two more each time, up to what the engine allows
+        drafts = d.propose(1, 0, 8, hist, greedy)[0]
+        assert len(drafts) == n
+        d.settle(drafts, n)
+    d.settle([0] * 8, 3)
+    d.settle([0] * 7, 0)
+    assert len(d.propose(1, 0, 8, hist, greedy)[0]) == 6
+    assert len(d.propose(1, 0, 3, hist, greedy)[0]) == 3
+    d.start([])
+    assert len(d.propose(1, 0, 8, hist, greedy)[0]) == 2
+
+
+@pytest.fixture(scope="module")
+def lookup(tiny_pte):
+    return Engine.load(tiny_pte, threads=1, lookup=3)
+
+
+def test_prompt_lookup_gives_the_targets_own_tokens(plain, lookup):
+    """The tiny random model repeats itself and its prompt: proposals are both kept and thrown away."""
+    drafted = accepted = 0
+    for prompt in [*PROMPTS, "one two three one two three one two", "abcabcabcabcabc"]:
+        ids = plain.encode_prompt(prompt)
+        want = list(plain.generate_ids(ids, max_new_tokens=48, ignore_eos=True))
+        assert list(lookup.generate_ids(ids, max_new_tokens=48, ignore_eos=True)) == want
+        drafted += lookup.last_stats.draft_tokens
+        accepted += lookup.last_stats.accepted_tokens
+        assert lookup.complete(prompt, max_new_tokens=60) == plain.complete(prompt, max_new_tokens=60)
+        assert lookup.last_stats.stop_reason == plain.last_stats.stop_reason
+    assert 0 < accepted < drafted
+    long = [65 + i % 26 for i in range(plain.max_context - 12)]  # recurs everywhere, up to the window's end
+    want = list(plain.generate_ids(long, max_new_tokens=40, ignore_eos=True))
+    assert list(lookup.generate_ids(long, max_new_tokens=40, ignore_eos=True)) == want
+    assert lookup.last_stats.stop_reason == "context_full" and lookup.last_stats.accepted_tokens > 0
+
+
+def test_sampling_with_prompt_lookup_is_seeded(lookup):
+    cfg = SamplingConfig(temperature=0.3, top_k=50, seed=3)  # cool enough for the random model to repeat itself
+    prompt = "one two three one two three one two"
+    a = lookup.complete(prompt, max_new_tokens=48, sampling=cfg)
+    assert a == lookup.complete(prompt, max_new_tokens=48, sampling=cfg)
+    assert 0 < lookup.last_stats.accepted_tokens < lookup.last_stats.draft_tokens
+
+
+def test_cli_run_and_bench_with_prompt_lookup(tiny_pte, draft):
+    prompt = "one two three one two three one two"
+    proc = edgelm("run", tiny_pte, prompt, "-n", "24", "--lookup", "--stats", check=True)
+    assert proc.stdout == edgelm("run", tiny_pte, prompt, "-n", "24", check=True).stdout
+    assert "draft tokens accepted" in proc.stderr
+    out = edgelm("bench", tiny_pte, "--lookup", "--runs", "1", "--warmup", "0", "-n", "6", "--threads", "1",
+                 "--json", "-", check=True)
+    rows = json.loads(out.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["edgelm pte fp32",
+                                         "edgelm pte fp32 + prompt lookup (speculative, up to 5 tokens)"]
+    assert rows[1]["lookup"] == 3 and rows[1]["size_mb"] == rows[0]["size_mb"]
+    assert_clean_error(edgelm("run", tiny_pte, "hi", "--lookup", "--draft", draft), "give one")
+    assert_clean_error(edgelm("run", draft, "hi", "--lookup"), "no verify method")
+

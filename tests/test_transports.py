@@ -433,7 +433,8 @@ def test_deploy_command_prints_json(deployed, sshd, tiny_pte):
 
 
 def test_device_bench_with_a_draft(deployed, sshd, tiny_pte):
-    """The draft is deployed beside the target and the row decodes speculatively on the device."""
+    """The draft is deployed beside the target and the row decodes speculatively on the device;
+    so does prompt lookup, with no second bundle."""
     from edgelm.bench import DEFAULT_PROMPT
     from edgelm.deploy.remote_bench import bench_on_device
     from edgelm.runtime import Engine
@@ -446,3 +447,7 @@ def test_device_bench_with_a_draft(deployed, sshd, tiny_pte):
     host = Engine.load(tiny_pte, threads=1)
     ids = host.encode_prompt(DEFAULT_PROMPT, chat=bool(host.manifest.chat_template))
     assert result["greedy_tokens"] == list(host.generate_ids(ids, max_new_tokens=8, ignore_eos=True))
+    result = bench_on_device(tiny_pte, "dev", workdir=str(workdir), ssh_config=sshd.config, python=sys.executable,
+                             install=False, new_tokens=24, runs=1, warmup=0, threads=1, lookup=3)
+    assert result["name"] == "edgelm pte fp32 + prompt lookup (speculative, up to 5 tokens)"
+    assert result["greedy_tokens"] == list(host.generate_ids(ids, max_new_tokens=24, ignore_eos=True))

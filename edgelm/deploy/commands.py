@@ -88,9 +88,10 @@ def run_device_bench(bundles: tuple[Path, ...], device: str, *, workdir: str | N
                      install: bool, device_python: str | None, connect_timeout: int, threads: int | None,
                      runs: int, warmup: int, new_tokens: int, prompt: str | None, json_out: Path | None,
                      pip_args: tuple[str, ...] = (), draft: Path | None = None,
-                     draft_tokens: int = 5) -> list[dict[str, Any]]:
+                     draft_tokens: int = 5, lookup: int = 0) -> list[dict[str, Any]]:
     """``edgelm bench BUNDLE... --device URL``: deploy each bundle, time it there, print a table.
-    With ``draft`` every bundle gets a second row decoding speculatively with it."""
+    With ``draft`` (``lookup``) every bundle gets a second row decoding speculatively with it
+    (with prompt lookup)."""
     from edgelm.deploy.remote_bench import (
         EMULATED_NOTE,
         bench_on_device,
@@ -103,12 +104,18 @@ def run_device_bench(bundles: tuple[Path, ...], device: str, *, workdir: str | N
     t = open_transport(device, ssh_config=ssh_config, connect_timeout=connect_timeout)
     results = []
     for b in bundles:
-        for d in (None, draft) if draft is not None else (None,):
-            _echo_err(f"deploying and running {b}{f' with draft {d}' if d else ''} on {t}...")
+        variants: list[dict[str, Any]] = [{}]
+        if draft is not None:
+            variants.append({"draft": draft})
+        if lookup:
+            variants.append({"lookup": lookup})
+        for v in variants:
+            how = f" with draft {v['draft']}" if "draft" in v else " with prompt lookup" if v else ""
+            _echo_err(f"deploying and running {b}{how} on {t}...")
             results.append(bench_on_device(b, device, workdir=workdir, install=install, python=device_python,
                                            prompt=prompt, new_tokens=new_tokens, runs=runs, warmup=warmup,
                                            threads=threads, pip_args=pip_args, progress=_echo_err, transport=t,
-                                           draft=d, draft_tokens=draft_tokens))
+                                           draft_tokens=draft_tokens, **v))
     first = results[0]
     click.echo(f"device: {describe_device(first['device'], first.get('threads'))}; {new_tokens} new tokens, "
                f"median (p10–p90) of {runs} runs after {warmup} warm-up")

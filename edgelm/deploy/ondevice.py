@@ -244,11 +244,12 @@ def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
     before = temperatures()
     t = time.perf_counter()
     draft_tokens = int(args.get("draft_tokens", 5))
-    engine = Engine.load(args["bundle"], threads=threads, draft=args.get("draft"), draft_tokens=draft_tokens)
+    engine = Engine.load(args["bundle"], threads=threads, draft=args.get("draft"), draft_tokens=draft_tokens,
+                         lookup=int(args.get("lookup", 0)))
     load_s = time.perf_counter() - t
     ids = _prompt_ids(engine, {"prompt": args.get("prompt") or DEFAULT_PROMPT, **args})
     keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share", "total_s"]
-    if engine.draft is not None:
+    if engine.speculative:
         keys.append("acceptance")
     samples: dict[str, list[float]] = {k: [] for k in keys}
     first_tokens: list[int] = []

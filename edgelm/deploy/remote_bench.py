@@ -32,9 +32,9 @@ def bench_on_device(bundle: str | Path, url: str, *, workdir: str | None = None,
                     chat: bool = True, connect_timeout: float = 10, timeout: float | None = 3600,
                     pip_args: Sequence[str] = (), progress: Progress | None = None,
                     transport: Transport | None = None, draft: str | Path | None = None,
-                    draft_tokens: int = 5) -> dict[str, Any]:
+                    draft_tokens: int = 5, lookup: int = 0) -> dict[str, Any]:
     """Deploy ``bundle`` to ``url`` (unchanged files are skipped) and benchmark it there
-    (speculatively, with ``draft`` deployed beside it, when given)."""
+    (speculatively, with ``draft`` deployed beside it or with prompt lookup, when given)."""
     t = transport or open_transport(url, ssh_config=ssh_config, connect_timeout=connect_timeout)
     d = deploy(bundle, url, workdir, install, python=python, pip_args=pip_args, progress=progress, transport=t)
     layout = Layout(d.workdir)
@@ -43,6 +43,8 @@ def bench_on_device(bundle: str | Path, url: str, *, workdir: str | None = None,
     if draft is not None:
         dd = deploy(draft, url, d.workdir, install=False, python=python, progress=progress, transport=t)
         args.update(draft=dd.bundle, draft_tokens=draft_tokens)
+    elif lookup:
+        args.update(lookup=lookup, draft_tokens=draft_tokens)
     if prompt:
         args["prompt"] = prompt
     if progress:

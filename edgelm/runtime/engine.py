@@ -16,6 +16,7 @@ import numpy as np
 from edgelm.bundle import Manifest, load_manifest
 from edgelm.errors import BundleError, ContextOverflowError
 from edgelm.runtime.backends import Backend, open_backend
+from edgelm.runtime.drafting import LookupDrafter, ModelDrafter
 from edgelm.runtime.hugepages import TUNABLE, huge_pages_env
 from edgelm.sampling import Sampler, SamplingConfig
 from edgelm.tokenizer import Message, Tokenizer
@@ -45,7 +46,7 @@ class GenerationStats:
 
     @property
     def acceptance(self) -> float:
-        """Share of the draft model's tokens the target kept (speculative decoding only)."""
+        """Share of the draft tokens the target kept (speculative decoding only)."""
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
@@ -83,16 +84,23 @@ class Engine:
         self.eos_ids = frozenset(manifest.special_tokens.get("eos_token_ids") or manifest.model.eos_token_ids)
         self.last_stats = GenerationStats()
         self.draft: Engine | None = None
+        self.lookup = 0  # prompt-lookup decoding: the longest n-gram looked up (0: off)
         self.draft_tokens = 0
+        self._drafter: ModelDrafter | LookupDrafter | None = None
 
     @classmethod
     def load(cls, bundle: str | Path, threads: int | None = None, verify: bool = True,
-             draft: str | Path | Engine | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Engine:
+             draft: str | Path | Engine | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+             lookup: int = 0) -> Engine:
         """Open ``bundle`` (folder or .zip), check its checksums and start its backend.
 
         ``draft``: a smaller bundle of the same model family (same tokenizer) that proposes
-        tokens for speculative decoding; see :meth:`attach_draft`.
+        tokens for speculative decoding; see :meth:`attach_draft`. ``lookup``: the longest n-gram
+        of prompt-lookup decoding instead (no draft model); see :meth:`attach_lookup`.
+        ``draft_tokens``: the most tokens proposed per pass, by either.
         """
+        if draft is not None and lookup:
+            raise ValueError("give a draft bundle or prompt lookup, not both")
         root, manifest = load_manifest(bundle, verify=verify)
         if huge_pages_env(os.environ) is not None:
             log.info("this process runs without huge pages for the weights: start it with GLIBC_TUNABLES=%s=1 "
@@ -104,6 +112,8 @@ class Engine:
             if not isinstance(draft, Engine):
                 draft = cls.load(draft, threads=threads, verify=verify)
             engine.attach_draft(draft, draft_tokens)
+        elif lookup:
+            engine.attach_lookup(lookup, draft_tokens)
         return engine
 
     def attach_draft(self, draft: Engine | None, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
@@ -117,14 +127,9 @@ class Engine:
         ``decode`` method takes up to 16 tokens). The draft can be any format.
         """
         if draft is None:
-            self.draft, self.draft_tokens = None, 0
+            self._detach()
             return
-        if draft_tokens < 1:
-            raise ValueError("draft_tokens must be at least 1")
-        if getattr(self.backend, "max_verify", 0) < 2:
-            raise BundleError(
-                f"{self.root}: this {self.manifest.format} bundle cannot check draft tokens (no verify method); "
-                "speculative decoding needs a target .pte bundle converted by this edgelm version")
+        self._check_speculative(draft_tokens)
         tok_self = self.manifest.files.get(self.manifest.tokenizer_file, {}).get("sha256")
         tok_draft = draft.manifest.files.get(draft.manifest.tokenizer_file, {}).get("sha256")
         if tok_self != tok_draft or self.manifest.model.vocab_size != draft.manifest.model.vocab_size:
@@ -133,7 +138,41 @@ class Engine:
         if draft.max_context < self.max_context:
             raise BundleError(f"the draft's context window ({draft.max_context}) is shorter than this bundle's "
                               f"({self.max_context}); convert the draft with --max-context {self.max_context}")
+        self._detach()
         self.draft, self.draft_tokens = draft, draft_tokens
+        self._drafter = ModelDrafter(draft, self.eos_ids)
+
+    def attach_lookup(self, max_ngram: int = 3, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+        """Decode speculatively without a draft model (prompt-lookup decoding): the last
+        ``max_ngram`` (down to 2) tokens are looked up in the prompt and the output so far, and
+        up to ``draft_tokens`` tokens that followed them are checked in one pass. Greedy output
+        is unchanged; it is faster where the answer repeats its context (summaries, extraction,
+        editing a given text). ``max_ngram=0`` detaches it. Needs a .pte bundle, as
+        :meth:`attach_draft` does; a draft bundle attached before is detached.
+        """
+        if max_ngram == 0:
+            self._detach()
+            return
+        self._check_speculative(draft_tokens)
+        drafter = LookupDrafter(max_ngram, min(2, max_ngram), self.manifest.model.vocab_size)
+        self._detach()
+        self.lookup, self.draft_tokens, self._drafter = max_ngram, draft_tokens, drafter
+
+    @property
+    def speculative(self) -> bool:
+        """Whether tokens come from speculative decoding (a draft bundle or prompt lookup)."""
+        return self._drafter is not None
+
+    def _detach(self) -> None:
+        self.draft, self.lookup, self.draft_tokens, self._drafter = None, 0, 0, None
+
+    def _check_speculative(self, draft_tokens: int) -> None:
+        if draft_tokens < 1:
+            raise ValueError("draft_tokens must be at least 1")
+        if getattr(self.backend, "max_verify", 0) < 2:
+            raise BundleError(
+                f"{self.root}: this {self.manifest.format} bundle cannot check draft tokens (no verify method); "
+                "speculative decoding needs a target .pte bundle converted by this edgelm version")
 
     # -- prompts -----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = False,
@@ -186,8 +225,9 @@ class Engine:
                      ignore_eos: bool = False) -> Iterator[int]:
         """Yield generated token ids (EOS excluded). Stats land in :attr:`last_stats`.
 
-        With a draft attached (:meth:`attach_draft`) the tokens come from speculative decoding:
-        the same tokens under greedy decoding, the same distribution when sampling.
+        With a draft attached (:meth:`attach_draft`, :meth:`attach_lookup`) the tokens come from
+        speculative decoding: the same tokens under greedy decoding, the same distribution when
+        sampling.
         ``ignore_eos`` keeps going past EOS (benchmarks use it to time a fixed token count).
         """
         stats = GenerationStats()
@@ -198,10 +238,10 @@ class Engine:
         sampler = Sampler(sampling)
         history = list(ids)
         logits = self._prefill(ids)
-        if self.draft is not None:
-            self.draft._prefill(ids)
+        if self._drafter is not None:
+            self._drafter.start(ids)
         stats.prefill_s = time.perf_counter() - t0
-        if self.draft is not None:
+        if self._drafter is not None:
             source = self._speculative_tokens(logits, len(ids), sampler, history, stats)
         else:
             source = self._plain_tokens(logits, len(ids), sampler, history, stats)
@@ -243,22 +283,22 @@ class Engine:
 
     def _speculative_tokens(self, logits: np.ndarray, pos: int, sampler: Sampler, history: list[int],
                             stats: GenerationStats) -> Iterator[int]:
-        """Speculative decoding: the draft proposes up to ``draft_tokens`` tokens one by one, the
-        target checks them all in one ``verify`` pass and keeps the longest agreeing run plus one
-        token of its own. Rejected rows stay in both KV caches past the live position; attention
-        never reaches them and the next pass overwrites them.
+        """Speculative decoding: the drafter proposes up to ``draft_tokens`` tokens, the target
+        checks them all in one ``verify`` pass and keeps the longest agreeing run plus one token
+        of its own. Rejected rows stay in the KV caches past the live position; attention never
+        reaches them and the next pass overwrites them.
         """
-        assert self.draft is not None
-        target, draft = self.backend, self.draft.backend
+        assert self._drafter is not None
+        target, drafter = self.backend, self._drafter
         k_max = min(self.draft_tokens, target.max_verify - 1)
         tok = sampler(logits, history)
         history.append(tok)
         yield tok
-        behind = None  # a token the draft has not run yet, at pos - 1 (after a fully accepted run)
         while True:
             k = min(k_max, self.max_context - 1 - pos)  # verify writes positions pos .. pos + k
             b0 = time.perf_counter()
-            if k < 1:  # no room left to speculate: one plain step
+            drafts, qs = drafter.propose(tok, pos, k, history, sampler) if k >= 1 else ([], [])
+            if not drafts:  # nothing to check (no room left, or no n-gram recurs): one plain step
                 logits = target.decode(tok, pos)
                 stats.decode_backend_s += time.perf_counter() - b0
                 tok = sampler(logits, history)
@@ -266,21 +306,6 @@ class Engine:
                 pos += 1
                 yield tok
                 continue
-            if behind is not None:
-                draft.decode(behind, pos - 1)
-            drafts: list[int] = []
-            qs: list[np.ndarray] = []
-            cur = tok
-            for j in range(k):
-                dl = draft.decode(cur, pos + j)
-                if sampler.greedy:
-                    cur = sampler(dl, chain(history, drafts))
-                else:
-                    qs.append(sampler.probs(dl, chain(history, drafts)))
-                    cur = sampler.draw(qs[-1])
-                drafts.append(cur)
-                if cur in self.eos_ids:
-                    break
             rows = target.verify(np.asarray([tok, *drafts], dtype=np.int64), pos)
             stats.decode_backend_s += time.perf_counter() - b0
             accepted: list[int] = []
@@ -299,7 +324,7 @@ class Engine:
                 final = sampler(rows[len(drafts)], chain(history, accepted))
             stats.draft_tokens += len(drafts)
             stats.accepted_tokens += len(accepted)
-            behind = drafts[-1] if len(accepted) == len(drafts) else None
+            drafter.settle(drafts, len(accepted))
             pos += len(accepted) + 1
             tok = final
             for x in (*accepted, final):
