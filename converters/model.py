@@ -262,8 +262,10 @@ class Attention(nn.Module):
             torch.ops.llama.update_cache(v, self.v_cache, start_pos)
             if mask is None:  # causal over [0, start_pos + S)
                 out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
-            else:  # a sliding window: the kernel takes a [S, T] mask over the whole cache instead
-                out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, 0, mask, 0, False)
+            else:  # a sliding window: the kernel takes a mask over the filled rows [0, start_pos + S) instead
+                n = mask.shape[1]
+                out = torch.ops.llama.custom_sdpa(q, self.k_cache.narrow(1, 0, n), self.v_cache.narrow(1, 0, n), 0,
+                                                  mask, 0, False)
             return self.wo(out.reshape(x.shape[0], -1, self.n_heads * self.hd)), None
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         if self.stateful:
@@ -423,7 +425,8 @@ class Decoder(nn.Module):
             torch._check(start_pos + s <= t)
             rotary = self._rotary(start_pos, None, s)
             pos = mask = None  # custom_sdpa is causal by itself
-            local_mask = None if window is None else attention_mask(start_pos + torch.arange(s), t, window)
+            # sliding-window layers: a mask over the filled rows only (over all T, decode ran 2.5x slower)
+            local_mask = None if window is None else attention_mask(start_pos + torch.arange(s), start_pos + s, window)
         else:
             start_pos = None
             pos = input_pos[0] + torch.arange(s, dtype=torch.long)

@@ -374,7 +374,11 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     click.echo(f"format      {m.format} ({m.model_file}), scheme {m.scheme}, schema v{m.schema_version}")
     click.echo(f"model       {cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, "
                f"{cfg.num_parameters() / 1e6:.1f} M parameters")
-    click.echo(f"context     {m.max_context} tokens; chat template: {'yes' if m.chat_template else 'no'}")
+    window = ""
+    if cfg.sliding_window:
+        slide = cfg.n_layers if cfg.local_layers is None else len(cfg.local_layers)
+        window = f" (sliding window of {cfg.sliding_window} in {slide} of {cfg.n_layers} layers)"
+    click.echo(f"context     {m.max_context} tokens{window}; chat template: {'yes' if m.chat_template else 'no'}")
     click.echo(f"source      {m.source.get('kind', '?')}: {m.source.get('path', '?')}")
     for name, info in m.files.items():
         click.echo(f"file        {name:<16} {info['size'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")

@@ -73,6 +73,7 @@ def test_convert_a_hugging_face_folder(tmp_path):
     edgelm("convert", folder, "-f", "onnx", "--max-context", "64", "-o", out, check=True)
     manifest = json.loads((out / "edgelm.json").read_text())
     assert manifest["max_context"] == 64 and manifest["model"]["sliding_window"] == 40
+    assert "context     64 tokens (sliding window of 40 in 2 of 2 layers)" in edgelm("inspect", out, check=True).stdout
     assert manifest["model"]["rope_scaling"]["rope_type"] == "yarn"
     assert manifest["verification"]["parity"]["passed"] is True
     run = edgelm("run", out, "hello", "--max-new-tokens", "5", "--stats", check=True)
