@@ -328,10 +328,12 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, templa
         draft_tokens: int, stats: bool) -> None:
     """Stream the model's answer to PROMPT from BUNDLE."""
     from edgelm.runtime import Engine, SamplingConfig
+    from edgelm.runtime.engine import LOOKUP_NGRAM
 
     if draft is not None and lookup:
         raise click.UsageError("--draft and --lookup are two ways to propose tokens; give one")
-    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens, lookup=3 if lookup else 0)
+    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens,
+                         lookup=LOOKUP_NGRAM if lookup else 0)
     use_chat = bool(engine.manifest.chat_template) if chat is None else chat
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
@@ -419,9 +421,10 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     --device the bundles are deployed (as `edgelm deploy` does) and timed on that device instead.
     """
     from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row
+    from edgelm.runtime.engine import LOOKUP_NGRAM
 
     to_stdout = json_out is not None and str(json_out) == "-"
-    n_lookup = 3 if lookup else 0
+    n_lookup = LOOKUP_NGRAM if lookup else 0
     if device is not None:
         if not bundles:
             raise click.UsageError("give at least one bundle to run on the device")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 OVERFLOW_POLICIES = ("error", "truncate")
 DEFAULT_DRAFT_TOKENS = 5
+LOOKUP_NGRAM = 3  # prompt lookup's longest n-gram (``--lookup``)
 
 
 @dataclass
@@ -83,8 +84,6 @@ class Engine:
         self.max_context = manifest.max_context
         self.eos_ids = frozenset(manifest.special_tokens.get("eos_token_ids") or manifest.model.eos_token_ids)
         self.last_stats = GenerationStats()
-        self.draft: Engine | None = None
-        self.lookup = 0  # prompt-lookup decoding: the longest n-gram looked up (0: off)
         self.draft_tokens = 0
         self._drafter: ModelDrafter | LookupDrafter | None = None
 
@@ -138,11 +137,9 @@ class Engine:
         if draft.max_context < self.max_context:
             raise BundleError(f"the draft's context window ({draft.max_context}) is shorter than this bundle's "
                               f"({self.max_context}); convert the draft with --max-context {self.max_context}")
-        self._detach()
-        self.draft, self.draft_tokens = draft, draft_tokens
-        self._drafter = ModelDrafter(draft, self.eos_ids)
+        self.draft_tokens, self._drafter = draft_tokens, ModelDrafter(draft, self.eos_ids)
 
-    def attach_lookup(self, max_ngram: int = 3, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+    def attach_lookup(self, max_ngram: int = LOOKUP_NGRAM, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
         """Decode speculatively without a draft model (prompt-lookup decoding): the last
         ``max_ngram`` (down to 2) tokens are looked up in the prompt and the output so far, and
         up to ``draft_tokens`` tokens that followed them are checked in one pass. Greedy output
@@ -154,9 +151,18 @@ class Engine:
             self._detach()
             return
         self._check_speculative(draft_tokens)
-        drafter = LookupDrafter(max_ngram, min(2, max_ngram), self.manifest.model.vocab_size)
-        self._detach()
-        self.lookup, self.draft_tokens, self._drafter = max_ngram, draft_tokens, drafter
+        self.draft_tokens = draft_tokens
+        self._drafter = LookupDrafter(max_ngram, min(2, max_ngram), self.manifest.model.vocab_size)
+
+    @property
+    def draft(self) -> Engine | None:
+        """The attached draft bundle, if any (:meth:`attach_draft`)."""
+        return self._drafter.draft if isinstance(self._drafter, ModelDrafter) else None
+
+    @property
+    def lookup(self) -> int:
+        """Prompt lookup's longest n-gram (:meth:`attach_lookup`); 0 when it is off."""
+        return self._drafter.max_ngram if isinstance(self._drafter, LookupDrafter) else 0
 
     @property
     def speculative(self) -> bool:
@@ -164,7 +170,7 @@ class Engine:
         return self._drafter is not None
 
     def _detach(self) -> None:
-        self.draft, self.lookup, self.draft_tokens, self._drafter = None, 0, 0, None
+        self.draft_tokens, self._drafter = 0, None
 
     def _check_speculative(self, draft_tokens: int) -> None:
         if draft_tokens < 1:
