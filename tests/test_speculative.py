@@ -267,3 +267,15 @@ def test_cli_run_and_bench_with_prompt_lookup(tiny_pte, draft):
     assert_clean_error(edgelm("run", tiny_pte, "hi", "--lookup", "--draft", draft), "give one")
     assert_clean_error(edgelm("run", draft, "hi", "--lookup"), "no verify method")
 
+
+def test_one_source_of_proposals_at_a_time(tiny_pte, draft):
+    with pytest.raises(ValueError, match="not both"):
+        Engine.load(tiny_pte, threads=1, draft=draft, lookup=3)
+    engine = Engine.load(tiny_pte, threads=1, draft=draft)
+    engine.attach_lookup()
+    assert (engine.draft, engine.lookup, engine.speculative) == (None, 3, True)
+    engine.attach_draft(Engine.load(draft, threads=1), draft_tokens=2)
+    assert engine.draft is not None and (engine.lookup, engine.draft_tokens) == (0, 2)
+    engine.attach_lookup(0)
+    assert (engine.draft, engine.lookup, engine.speculative) == (None, 0, False)
+
