@@ -339,7 +339,9 @@ class Decoder(nn.Module):
     ``input_pos[0]`` and returns logits of the last position ``[1, vocab]`` (or of
     every position with ``full_logits=True``). In functional mode pass ``caches``
     (a list of (K, V) per layer, each [1, KV, T, D]) and get ``(logits, new_rows)``
-    back, where ``new_rows`` holds each layer's K and V for the S new positions.
+    back, where ``new_rows`` holds each layer's K and V for the S new positions;
+    ``logits_to_keep`` (int64 ``[n]``, indices into the S positions) then picks whose
+    logits come back, ``[1, n, vocab]``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -415,7 +417,8 @@ class Decoder(nn.Module):
             x = x + self.pos_embeddings(positions)
         return x
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, caches=None):
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, caches=None,
+                logits_to_keep: torch.Tensor | None = None):
         s = tokens.shape[1]
         t = self.cfg.max_context
         window = self.cfg.sliding_window
@@ -448,10 +451,13 @@ class Decoder(nn.Module):
             m = mask if block.attn.window is None else local_mask
             x, kv = block(x, cos, sin, self.rope_rot, pos, m, start_pos, None if caches is None else caches[i])
             new_rows.append(kv)
-        if not self.full_logits:
+        last = logits_to_keep is None and not self.full_logits
+        if logits_to_keep is not None:  # the positions asked for, [1, n, vocab] (HF's tensor logits_to_keep)
+            x = x.index_select(1, logits_to_keep)
+        elif last:
             x = x[:, -1:, :]
         logits = self.output(self.norm(x))
-        logits = logits if self.full_logits else logits[:, -1, :]
+        logits = logits[:, -1, :] if last else logits
         return logits if caches is None else (logits, new_rows)
 
 

@@ -74,11 +74,11 @@ def _draft_options(f):
                      help="Most tokens proposed per verify pass (--draft or --lookup).")(f)
     f = click.option("--lookup", is_flag=True,
                      help="Prompt-lookup decoding: no draft model; tokens that followed the last 3 (or 2) tokens "
-                     "earlier in the prompt and output are proposed and BUNDLE (a .pte) checks them in one pass. "
-                     "Same greedy output; faster where the answer repeats its context (summaries, edits).")(f)
+                     "earlier in the prompt and output are proposed and BUNDLE (a .pte or .onnx) checks them in "
+                     "one pass. Same greedy output; faster where the answer repeats its context (summaries, edits).")(f)
     return click.option("--draft", type=click.Path(path_type=Path), default=None,
                         help="A smaller bundle of the same model (e.g. its w8a8 .pte) that proposes tokens; BUNDLE "
-                        "(a .pte) checks several per pass: speculative decoding, same greedy output.")(f)
+                        "(a .pte or .onnx) checks several per pass: speculative decoding, same greedy output.")(f)
 
 
 def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:

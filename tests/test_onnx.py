@@ -47,20 +47,21 @@ def test_io_names_and_manifest(tiny_onnx, tiny_model):
     def kv(i, s):
         return [1, cfg.n_kv_heads[i], s, cfg.head_dim]
 
-    assert list(inputs) == ["input_ids", "position_ids"] + [
+    assert list(inputs) == ["input_ids", "position_ids", "logits_to_keep"] + [
         f"past_key_values.{i}.{n}" for i in range(cfg.n_layers) for n in ("key", "value")]
     assert list(outputs) == ["logits"] + [f"present.{i}.{n}" for i in range(cfg.n_layers) for n in ("key", "value")]
     assert inputs["input_ids"] == inputs["position_ids"] == [1, "sequence_length"]
+    assert inputs["logits_to_keep"] == ["num_logits"]
     assert inputs["past_key_values.0.key"] == kv(0, cfg.max_context)
     assert outputs["present.1.value"] == kv(1, "sequence_length")
-    assert outputs["logits"] == [1, cfg.vocab_size]
+    assert outputs["logits"] == [1, "num_logits", cfg.vocab_size]
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
     from edgelm.bundle import load_manifest
 
     _, manifest = load_manifest(tiny_onnx)
     io = manifest.io
-    assert io["max_prefill"] == MAX_PREFILL and io["min_prefill"] == 1
+    assert io["max_prefill"] == io["max_verify"] == MAX_PREFILL and io["min_prefill"] == 1
     assert io["kv_cache"]["present_contains"] == "new_rows"
     assert io["kv_cache"]["layout"] == ["batch", "kv_heads", "max_context", "head_dim"]
     assert io["opset"] == m.opset_import[0].version
@@ -144,6 +145,20 @@ def test_running_an_onnx_bundle_does_not_import_torch(tiny_onnx):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_sessions_stop_spinning_when_a_run_returns(tiny_onnx):
+    """Idle threads that keep spinning slow down whatever runs next on the cores, e.g. the other
+    session of a speculative pair (README: ONNX targets); the app's own sessions are left alone."""
+    import onnxruntime as ort
+
+    from edgelm.runtime.engine import Engine
+
+    options = Engine.load(tiny_onnx, threads=1).backend.session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    mine = ort.InferenceSession(str(tiny_onnx / "model.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        mine.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+
 def test_missing_onnxruntime_says_what_to_install(tiny_onnx, monkeypatch):
     import sys
 
@@ -170,8 +185,9 @@ def test_external_data_path(tiny_model, tmp_path, tiny_onnx):
 
     def logits(path):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {"input_ids": np.array([[5, 6, 7]], dtype=np.int64), "position_ids": np.array([[0, 1, 2]])}
-        for i in sess.get_inputs()[2:]:
+        feed = {"input_ids": np.array([[5, 6, 7]], dtype=np.int64), "position_ids": np.array([[0, 1, 2]]),
+                "logits_to_keep": np.array([0, 2])}
+        for i in sess.get_inputs()[3:]:
             feed[i.name] = np.zeros(i.shape, dtype=np.float32)
         return sess.run(["logits"], feed)[0]
 

@@ -150,8 +150,9 @@ def _run(path, ids):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids], dtype=np.int64), "position_ids": np.arange(len(ids))[None]}
-    for i in sess.get_inputs()[2:]:
+    feed = {"input_ids": np.array([ids], dtype=np.int64), "position_ids": np.arange(len(ids))[None],
+            "logits_to_keep": np.array([len(ids) - 1])}
+    for i in sess.get_inputs()[3:]:
         feed[i.name] = np.zeros(i.shape, dtype=np.float32)
     return sess.run(["logits"], feed)[0]
 

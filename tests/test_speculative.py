@@ -1,4 +1,5 @@
-"""Speculative decoding: a draft bundle (or prompt lookup) proposes, the target .pte checks in one verify pass."""
+"""Speculative decoding: a draft bundle (or prompt lookup) proposes, the target (.pte or .onnx) checks in one
+verify pass."""
 
 from __future__ import annotations
 
@@ -44,6 +45,95 @@ def pte_draft(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain(tiny_pte):
     return Engine.load(tiny_pte, threads=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_target(tmp_path_factory):
+    """The tiny model as an ONNX bundle: its graph returns the logits of the positions it is asked for."""
+    return convert_bundle(tmp_path_factory.mktemp("target") / "tiny-onnx", TINY, fmt="onnx", max_prefill=16)
+
+
+@pytest.mark.parametrize("fmt", ["pte", "onnx"])
+def test_verify_rows_are_the_decode_steps_rows(tiny_pte, onnx_target, fmt):
+    """One verify call gives, position by position, the logits that one decode step per token gives."""
+    bundle = tiny_pte if fmt == "pte" else onnx_target
+    a, b = Engine.load(bundle, threads=1), Engine.load(bundle, threads=1)
+    ids = a.encode_prompt("check these tokens in one pass")
+    head, tail = np.asarray(ids[:9]), ids[9:15]
+    a.backend.prefill(head, 0)
+    b.backend.prefill(head, 0)
+    rows = a.backend.verify(np.asarray(tail), len(head))
+    steps = np.stack([b.backend.decode(t, len(head) + i) for i, t in enumerate(tail)])
+    assert rows.shape == (len(tail), a.manifest.model.vocab_size)
+    assert np.abs(rows - steps).max() < 1e-4
+    # and the cache rows verify wrote are the ones decoding goes on from
+    assert np.abs(a.backend.decode(ids[15], 15) - b.backend.decode(ids[15], 15)).max() < 1e-4
+
+
+def test_an_onnx_target_gives_its_own_tokens(onnx_target, pte_draft):
+    plain_onnx = Engine.load(onnx_target, threads=1)
+    with_draft = Engine.load(onnx_target, threads=1, draft=pte_draft, draft_tokens=4)
+    with_lookup = Engine.load(onnx_target, threads=1, lookup=3)
+    drafted = accepted = looked_up = 0
+    for prompt in [*PROMPTS, "one two three one two three one two three one two"]:
+        ids = plain_onnx.encode_prompt(prompt)
+        want = list(plain_onnx.generate_ids(ids, max_new_tokens=40, ignore_eos=True))
+        assert list(with_draft.generate_ids(ids, max_new_tokens=40, ignore_eos=True)) == want, prompt
+        stats = with_draft.last_stats
+        drafted, accepted = drafted + stats.draft_tokens, accepted + stats.accepted_tokens
+        assert list(with_lookup.generate_ids(ids, max_new_tokens=40, ignore_eos=True)) == want, prompt
+        looked_up += with_lookup.last_stats.draft_tokens
+    assert 0 < accepted < drafted and looked_up > 0
+
+
+@pytest.fixture(scope="module")
+def old_onnx(onnx_target, tmp_path_factory):
+    """The ONNX bundle as edgelm wrote it before ``logits_to_keep``: the graph computes the last
+    position's index itself and returns logits ``[1, vocab]``."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgelm.bundle import sha256_file
+
+    out = tmp_path_factory.mktemp("old") / "old-onnx"
+    shutil.copytree(onnx_target, out)
+    m = onnx.load(str(out / "model.onnx"))
+    g = m.graph
+    keep = next(v for v in g.input if v.name == "logits_to_keep")
+    g.input.remove(keep)
+    g.initializer.append(helper.make_tensor("one_", TensorProto.INT64, [1], [1]))
+    last = [helper.make_node("Shape", ["input_ids"], ["seq_"], start=1, end=2),
+            helper.make_node("Sub", ["seq_", "one_"], ["last_"])]
+    for node in g.node:
+        node.input[:] = ["last_" if x == "logits_to_keep" else x for x in node.input]
+        node.output[:] = ["logits_3d_" if x == "logits" else x for x in node.output]
+    g.node.insert(0, last[1])
+    g.node.insert(0, last[0])
+    g.initializer.append(helper.make_tensor("axis_", TensorProto.INT64, [1], [1]))
+    g.node.append(helper.make_node("Squeeze", ["logits_3d_", "axis_"], ["logits"]))
+    logits = next(v for v in g.output if v.name == "logits")
+    vocab = logits.type.tensor_type.shape.dim[2].dim_value
+    logits.CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, vocab]))
+    onnx.save(m, str(out / "model.onnx"))
+    manifest = json.loads((out / "edgelm.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256_file(out / "model.onnx"),
+                                       "size": (out / "model.onnx").stat().st_size}
+    (out / "edgelm.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_an_onnx_bundle_from_before_logits_to_keep_runs_but_cannot_check_drafts(onnx_target, old_onnx):
+    engine, new = Engine.load(old_onnx, threads=1), Engine.load(onnx_target, threads=1)
+    assert engine.backend.max_verify == 0
+    ids = new.encode_prompt("z" * 40)  # prefilled in chunks, then decoded
+    assert list(engine.generate_ids(ids, max_new_tokens=20, ignore_eos=True)) == \
+        list(new.generate_ids(ids, max_new_tokens=20, ignore_eos=True))
+    with pytest.raises(BundleError, match="no verify method"):
+        engine.attach_lookup()
+    with pytest.raises(BundleError, match="predates speculative decoding"):
+        engine.backend.verify(np.asarray(ids[:3]), 0)
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 4, 15])
@@ -125,8 +215,6 @@ def test_accept_draft_keeps_the_target_distribution(one_hot):
 
 
 def test_bad_pairs_are_refused(tiny_pte, draft):
-    with pytest.raises(BundleError, match="no verify method"):
-        Engine.load(draft, threads=1, draft=tiny_pte)  # an ONNX target cannot check drafts
     target, other = Engine.load(tiny_pte, threads=1), Engine.load(draft, threads=1)
     other.manifest.files[other.manifest.tokenizer_file]["sha256"] = "0" * 64
     with pytest.raises(BundleError, match="another tokenizer"):
@@ -253,7 +341,7 @@ def test_sampling_with_prompt_lookup_is_seeded(lookup):
     assert 0 < lookup.last_stats.accepted_tokens < lookup.last_stats.draft_tokens
 
 
-def test_cli_run_and_bench_with_prompt_lookup(tiny_pte, draft):
+def test_cli_run_and_bench_with_prompt_lookup(tiny_pte, draft, old_onnx):
     prompt = "one two three one two three one two"
     proc = edgelm("run", tiny_pte, prompt, "-n", "24", "--lookup", "--stats", check=True)
     assert proc.stdout == edgelm("run", tiny_pte, prompt, "-n", "24", check=True).stdout
@@ -265,7 +353,7 @@ def test_cli_run_and_bench_with_prompt_lookup(tiny_pte, draft):
                                          "edgelm pte fp32 + prompt lookup (speculative, up to 5 tokens)"]
     assert rows[1]["lookup"] == 3 and rows[1]["size_mb"] == rows[0]["size_mb"]
     assert_clean_error(edgelm("run", tiny_pte, "hi", "--lookup", "--draft", draft), "give one")
-    assert_clean_error(edgelm("run", draft, "hi", "--lookup"), "no verify method")
+    assert_clean_error(edgelm("run", old_onnx, "hi", "--lookup"), "no verify method")
 
 
 def test_one_source_of_proposals_at_a_time(tiny_pte, draft):

@@ -5,12 +5,16 @@ rows out), built from the Decoder's own modules, with the names ONNX Runtime too
 
     input_ids                     int64   [1, sequence_length]
     position_ids                  int64   [1, sequence_length]   start_pos, start_pos+1, ... (consecutive)
+    logits_to_keep                int64   [num_logits]           indices into the sequence (HF's meaning)
     past_key_values.{i}.key|value float32 [1, kv_heads_i, max_context, head_dim]
-      -> logits                   float32 [1, vocab]              last position only
+      -> logits                   float32 [1, num_logits, vocab]  the positions logits_to_keep names
       -> present.{i}.key|value    float32 [1, kv_heads_i, sequence_length, head_dim]
 
 ``sequence_length`` is dynamic (1 .. ``max_prefill``), so one graph serves chunked
-prefill and single-token decode (a second, static S=1 decode graph measured no faster);
+prefill and single-token decode (a second, static S=1 decode graph measured no faster).
+``logits_to_keep`` is ``[S - 1]`` in prefill and decode, so the LM head runs once per
+call; a speculative-decoding check passes ``0 .. S - 1`` and gets every position's logits
+from the same graph (bundles written before it have no such input: last position only).
 the KV cache is static (``max_context`` positions), and attention reads only its filled
 part plus the new rows, ``[:start_pos + sequence_length]`` (see :class:`OnnxStep`).
 
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 SEQ_AXIS = "sequence_length"
+LOGITS_AXIS = "num_logits"
 # Protobuf cannot hold a model over 2 GB; leave headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 PRESENT = "new_rows"
@@ -59,7 +64,7 @@ SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
 
 
 def input_names(n_layers: int) -> list[str]:
-    return ["input_ids", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n_layers)
+    return ["input_ids", "position_ids", "logits_to_keep"] + [f"past_key_values.{i}.{kv}" for i in range(n_layers)
                                             for kv in ("key", "value")]
 
 
@@ -86,10 +91,11 @@ class OnnxStep(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor]):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
+                past: list[torch.Tensor]):
         n = len(past) // 2
-        logits, rows = self.decoder(input_ids, position_ids[:, 0], [(past[2 * i], past[2 * i + 1])
-                                                                  for i in range(n)])
+        logits, rows = self.decoder(input_ids, position_ids[:, 0], [(past[2 * i], past[2 * i + 1]) for i in range(n)],
+                                    logits_to_keep)
         return (logits, *(t for kv in rows for t in kv))
 
 
@@ -132,9 +138,12 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
     step = OnnxStep(functional_copy(model)).eval()
     caches = [t for kv in step.decoder.empty_caches() for t in kv]
-    sample = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 4]], dtype=torch.long), caches)
+    sample = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 4]], dtype=torch.long),
+              torch.tensor([0, 1], dtype=torch.long), caches)
     seq = torch.export.Dim(SEQ_AXIS, min=1, max=max_prefill)
-    dynamic = {"input_ids": {1: seq}, "position_ids": {1: seq}, "past": [None] * len(caches)}
+    kept = torch.export.Dim(LOGITS_AXIS, min=1, max=max_prefill)
+    dynamic = {"input_ids": {1: seq}, "position_ids": {1: seq}, "logits_to_keep": {0: kept},
+               "past": [None] * len(caches)}
     with torch.no_grad(), warnings.catch_warnings():
         # the exporter's own notes: it cannot rename axes of a list input (done below) and a pytree deprecation
         warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed.*")
@@ -152,9 +161,9 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     if got_in != input_names(n) or got_out != output_names(n):
         raise ConversionError(f"the exported graph has unexpected io names: inputs {got_in[:4]}..., "
                               f"outputs {got_out[:4]}...")
-    sym = graph.graph.inputs[0].shape[1]
-    if not isinstance(sym, int) and getattr(sym, "value", None) not in (None, SEQ_AXIS):
-        _rename_axis(graph, sym.value, SEQ_AXIS)
+    for sym, name in ((graph.graph.inputs[0].shape[1], SEQ_AXIS), (graph.graph.inputs[2].shape[0], LOGITS_AXIS)):
+        if not isinstance(sym, int) and getattr(sym, "value", None) not in (None, name):
+            _rename_axis(graph, sym.value, name)
     meta = {"edgelm.present": PRESENT, "edgelm.cache_layout": "batch,kv_heads,max_context,head_dim",
             "edgelm.max_context": str(cfg.max_context), "edgelm.max_prefill": str(max_prefill)}
     graph.metadata_props.update(meta)
@@ -179,13 +188,17 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
         "graph": "single",  # one graph, dynamic sequence_length, for prefill and decode
         "opset": opset,
         "max_prefill": max_prefill,
+        "max_verify": max_prefill,  # a speculative check is one more call of the same graph
         "min_prefill": 1,
         "inputs": {
             "input_ids": {"dtype": "int64", "shape": [1, SEQ_AXIS]},
             "position_ids": {"dtype": "int64", "shape": [1, SEQ_AXIS],
                              "meaning": "consecutive positions start_pos .. start_pos + sequence_length - 1"},
+            "logits_to_keep": {"dtype": "int64", "shape": [LOGITS_AXIS],
+                               "meaning": "indices into the sequence whose logits to return"},
         },
-        "outputs": {"logits": {"dtype": "float32", "shape": [1, cfg.vocab_size], "meaning": "last position"}},
+        "outputs": {"logits": {"dtype": "float32", "shape": [1, LOGITS_AXIS, cfg.vocab_size],
+                               "meaning": "the positions logits_to_keep names"}},
         "kv_cache": {
             "past": "past_key_values.{i}.key|value",
             "present": "present.{i}.key|value",

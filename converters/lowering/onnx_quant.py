@@ -371,13 +371,17 @@ class WindowReader:
 
     def _generate(self) -> Iterator[dict[str, np.ndarray]]:
         meta = onnx.load(str(self.fp32_path), load_external_data=False).graph.input
-        past = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in meta[2:]]
+        past = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in meta
+                if v.name.startswith("past_key_values.")]
+        keep = any(v.name == "logits_to_keep" for v in meta)  # absent from graphs written before it
         for window in self.windows:
             caches = {name: np.zeros(shape, dtype=np.float32) for name, shape in past}
             for start in range(0, len(window), self.chunk):
                 ids = np.asarray([window[start:start + self.chunk]], dtype=np.int64)
                 s = ids.shape[1]
                 feed = {"input_ids": ids, "position_ids": np.arange(start, start + s, dtype=np.int64)[None], **caches}
+                if keep:
+                    feed["logits_to_keep"] = np.asarray([s - 1], dtype=np.int64)
                 yield feed
                 if start + s < len(window):
                     outs = self._fp32().run(None, feed)[1:]

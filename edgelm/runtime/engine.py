@@ -122,8 +122,9 @@ class Engine:
         This bundle checks each proposal in one pass (its backend's ``verify``), so its weights are
         read once for several tokens: on a memory-bound device that is where the speed comes from.
         Greedy output is this bundle's own; sampled output keeps its distribution. Both bundles
-        must share the tokenizer; this one must be a .pte converted by this edgelm version (its
-        ``decode`` method takes up to 16 tokens). The draft can be any format.
+        must share the tokenizer; this one must be a .pte or .onnx bundle converted by this edgelm
+        version (one call checks several tokens: the .pte's ``decode`` takes up to 16, the .onnx
+        graph returns every position's logits). The draft can be any format.
         """
         if draft is None:
             self._detach()
@@ -144,7 +145,7 @@ class Engine:
         ``max_ngram`` (down to 2) tokens are looked up in the prompt and the output so far, and
         up to ``draft_tokens`` tokens that followed them are checked in one pass. Greedy output
         is unchanged; it is faster where the answer repeats its context (summaries, extraction,
-        editing a given text). ``max_ngram=0`` detaches it. Needs a .pte bundle, as
+        editing a given text). ``max_ngram=0`` detaches it. Needs a .pte or .onnx bundle, as
         :meth:`attach_draft` does; a draft bundle attached before is detached.
         """
         if max_ngram == 0:
@@ -178,7 +179,7 @@ class Engine:
         if getattr(self.backend, "max_verify", 0) < 2:
             raise BundleError(
                 f"{self.root}: this {self.manifest.format} bundle cannot check draft tokens (no verify method); "
-                "speculative decoding needs a target .pte bundle converted by this edgelm version")
+                "speculative decoding needs a target .pte or .onnx bundle converted by this edgelm version")
 
     # -- prompts -----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[Message], chat: bool = False,
