@@ -38,8 +38,13 @@ ATTENTION_IMPLS = ("plain", "executorch")
 
 #: RoPE scaling types the canonical decoder computes as transformers does. ``dynamic`` (NTK) only
 #: changes the frequencies past ``max_position_embeddings``, where edgelm never goes (the context is
-#: capped there), so inside the context it is the plain rotary embedding.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+#: capped there), so inside the context it is the plain rotary embedding. ``longrope`` (Phi-3.5,
+#: Phi-4-mini) scales each frequency by ``short_factor`` while the sequence fits the pretraining
+#: context and by ``long_factor`` past it; transformers switches per forward pass, a static table
+#: cannot, so a bundle takes ``short_factor`` if its ``max_context`` fits that context (exactly
+#: transformers' numbers there) and ``long_factor`` otherwise (transformers' numbers once a sequence
+#: is longer than the pretraining context).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
 def rope_type(rope_scaling: dict | None) -> str:
@@ -49,8 +54,9 @@ def rope_type(rope_scaling: dict | None) -> str:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with Llama 3 / linear / YaRN scaling."""
-    hd = cfg.head_dim
+    """Inverse frequencies of the rotary embedding (over its ``rotary_dim``), with Llama 3 / linear /
+    YaRN / LongRoPE scaling."""
+    hd = cfg.rotary_dim or cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     rs = cfg.rope_scaling or {}
     kind = rope_type(rs)
@@ -58,6 +64,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         return inv
     if kind == "linear":
         return inv / float(rs["factor"])
+    if kind == "longrope":
+        long = cfg.max_context > int(rs["original_max_position_embeddings"])
+        return inv / torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float64)
     if kind == "llama3":
         factor = float(rs["factor"])
         low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
@@ -90,13 +99,16 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_attention_scale(cfg: ModelConfig) -> float:
-    """Factor on cos and sin: YaRN's attention temperature, 1 for every other type."""
+    """Factor on cos and sin: YaRN's and LongRoPE's attention temperature, 1 for every other type."""
     rs = cfg.rope_scaling or {}
-    if rope_type(rs) != "yarn":
+    if rope_type(rs) not in ("yarn", "longrope"):
         return 1.0
     if rs.get("attention_factor") is not None:
         return float(rs["attention_factor"])
     factor = float(rs["factor"])
+    if rope_type(rs) == "longrope":
+        old_ctx = float(rs["original_max_position_embeddings"])
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
 
     def mscale(m: float) -> float:
         return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
@@ -107,11 +119,17 @@ def rope_attention_scale(cfg: ModelConfig) -> float:
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position and head dimension, [max_context, head_dim]."""
+    """cos and sin of every position and head dimension, [max_context, head_dim]. With a partial
+    ``rotary_dim`` the other dimensions get cos 1 and sin 0: they pass through unrotated."""
     freqs = torch.outer(torch.arange(cfg.max_context, dtype=torch.float64), rope_inv_freq(cfg))
-    freqs = torch.cat((freqs, freqs), dim=-1)  # [T, D]: both halves of a head share a frequency
+    freqs = torch.cat((freqs, freqs), dim=-1)  # [T, R]: both halves of the rotated part share a frequency
     scale = rope_attention_scale(cfg)
-    return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
+    cos, sin = freqs.cos() * scale, freqs.sin() * scale
+    rest = cfg.head_dim - freqs.shape[1]
+    if rest:
+        cos = torch.cat((cos, torch.ones(cfg.max_context, rest, dtype=cos.dtype)), dim=-1)
+        sin = torch.cat((sin, torch.zeros(cfg.max_context, rest, dtype=sin.dtype)), dim=-1)
+    return cos.float(), sin.float()
 
 
 class RMSNorm(nn.Module):
@@ -158,13 +176,15 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return LayerNorm(dim, cfg.norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.norm_eps)
 
 
-def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+def rotate_half_matrix(head_dim: int, rotary_dim: int | None = None) -> torch.Tensor:
     """P with ``x @ P == cat(-x[..., D/2:], x[..., :D/2])`` (rotate-half as a matmul);
-    ``F.linear(x, P.T)`` is the same product."""
-    h = head_dim // 2
+    ``F.linear(x, P.T)`` is the same product. With ``rotary_dim`` R < D only the first R
+    dimensions are rotated, ``cat(-x[..., R/2:R], x[..., :R/2])``, and the rest map to 0."""
+    r = rotary_dim or head_dim
+    h = r // 2
     p = torch.zeros(head_dim, head_dim)
-    p[h:, :h] = -torch.eye(h)
-    p[:h, h:] = torch.eye(h)
+    p[h:r, :h] = -torch.eye(h)
+    p[:h, h:r] = torch.eye(h)
     return p
 
 
@@ -359,7 +379,7 @@ class Decoder(nn.Module):
             cos = sin = rot = None
         else:
             cos, sin = rope_tables(cfg)
-            rot = rotate_half_matrix(cfg.head_dim).T.contiguous()
+            rot = rotate_half_matrix(cfg.head_dim, cfg.rotary_dim).T.contiguous()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rot", rot, persistent=False)

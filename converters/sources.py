@@ -94,17 +94,28 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     rope_scaling = getattr(hf, "rope_scaling", None) or None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = dict(rope_params)
+    if rope_scaling and "original_max_position_embeddings" not in rope_scaling and \
+            getattr(hf, "original_max_position_embeddings", None):  # Phi-3's configs keep it beside rope_scaling
+        rope_scaling = {**rope_scaling, "original_max_position_embeddings": hf.original_max_position_embeddings}
     if rope_scaling:
         rope_scaling = _checked_rope(rope_scaling, limit)
-    partial = getattr(hf, "partial_rotary_factor", None) or rope_params.get("partial_rotary_factor") or 1.0
-    if float(partial) != 1.0:  # Phi-4-mini, StableLM: RoPE on part of each head
-        raise SourceError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported yet; "
-                          "edgelm rotates whole heads")
+    shape = _shape(hf)
+    partial = float(getattr(hf, "partial_rotary_factor", None) or rope_params.get("partial_rotary_factor") or 1.0)
+    rotary_dim = int(shape["head_dim"] * partial)  # as transformers rounds it
+    if partial != 1.0 and (rotary_dim < 2 or rotary_dim % 2):  # Phi-4-mini: 0.75 of 128
+        raise SourceError(f"partial_rotary_factor {partial} of head_dim {shape['head_dim']} rotates {rotary_dim} "
+                          "dimensions; edgelm needs an even number of at least 2")
+    if rope_type(rope_scaling) == "longrope":
+        for key in ("short_factor", "long_factor"):
+            if len(rope_scaling[key]) != rotary_dim // 2:
+                raise SourceError(f"RoPE {key} has {len(rope_scaling[key])} entries; the rotated part of a head "
+                                  f"({rotary_dim} dimensions) needs {rotary_dim // 2}")
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
     attn_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(
         arch=arch,
-        **_shape(hf),
+        **shape,
+        rotary_dim=rotary_dim if partial != 1.0 else None,
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling or None,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -182,7 +193,11 @@ def _checked_rope(params: dict[str, Any], limit: int) -> dict[str, Any] | None:
     if kind not in ROPE_TYPES:
         raise SourceError(f"RoPE scaling {kind!r} is not supported yet; edgelm converts {', '.join(ROPE_TYPES)}")
     params = dict(params)
-    if kind == "yarn" and not params.get("factor"):  # transformers' fallback (DeepSeek-style configs)
+    missing = [k for k in {"longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+                           "yarn": ("original_max_position_embeddings",)}.get(kind, ()) if params.get(k) is None]
+    if missing:
+        raise SourceError(f"RoPE scaling {kind!r} needs {', '.join(missing)} in the model's config")
+    if kind in ("yarn", "longrope") and not params.get("factor"):  # transformers' fallback (DeepSeek, Phi-3)
         params["factor"] = limit / float(params["original_max_position_embeddings"])
     return params
 

@@ -49,6 +49,9 @@ class ModelConfig:
     local_layers: list[int] | None = None
     local_rope_theta: float | None = None
     sliding_window: int | None = None
+    # RoPE on the first ``rotary_dim`` dimensions of each head only (Phi-4-mini's partial_rotary_factor
+    # 0.75); the rest pass through unrotated. None: the whole head.
+    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -72,12 +75,14 @@ class ModelConfig:
                 raise ValueError("local_layers need a local_rope_theta or a sliding_window")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive number of tokens, not {self.sliding_window}")
+        if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be even and within the head ({self.head_dim}), not {self.rotary_dim}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the form stored in ``edgelm.json``)."""
         data = asdict(self)
         # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
-        for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window"):
+        for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window", "rotary_dim"):
             if not data[name]:
                 data.pop(name)
         return data

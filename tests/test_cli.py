@@ -92,18 +92,25 @@ def _random_causal_lm(arch: str):
             num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
             sliding_window=12, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
             bos_token_id=256, eos_token_id=256))
+    if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=128,
+            partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0, bos_token_id=256,
+            eos_token_id=256, rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.7, 2.5, 4.0, 6.0],
+                                            "long_factor": [1.5, 2.6, 4.1, 9.0, 17.0, 30.0]}))
     return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=96, tie_word_embeddings=True,
         bos_token_id=256, eos_token_id=256))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
-    and key head) and Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
-    the local layers) from transformers folders: every format's bundle generates transformers' own
-    greedy tokens."""
+    and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
+    the local layers) and Phi-4-mini's shape (partial rotary, LongRoPE) from transformers folders:
+    every format's bundle generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -126,7 +133,7 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
     for fmt in ("pte", "onnx", "tflite"):
         engine = Engine.load(out / fmt, threads=2)
         parity = engine.manifest.verification["parity"]
-        assert engine.manifest.model.arch == arch and parity["passed"]
+        assert engine.manifest.model.arch == ("llama" if arch == "phi3" else arch) and parity["passed"]
         assert parity["max_abs_err"] < 1e-4, (fmt, parity)  # GPT-2's tanh GELU is that GELU in XNNPACK too
         ids = engine.encode_prompt(prompt)
         got = list(engine.generate_ids(ids, max_new_tokens=24))

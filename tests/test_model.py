@@ -66,6 +66,40 @@ def test_logits_match_transformers(model_type, kw):
     _assert_logits_match(hf, model, 20)
 
 
+def _longrope(original: int, **kw) -> dict:
+    """Phi-3.5 / Phi-4-mini style: LongRoPE over the first 12 of 16 head dimensions (6 frequencies)."""
+    return {"pad_token_id": 0, "eos_token_id": 1, "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": original,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.2, 4.0, 7.5],
+                             "long_factor": [1.5, 2.6, 4.1, 9.0, 17.0, 30.0], **kw}}
+
+
+@pytest.mark.parametrize("kw,n_tokens,factor", [
+    ({"pad_token_id": 0, "eos_token_id": 1, "partial_rotary_factor": 0.5}, 40, None),  # partial rotary alone
+    (_longrope(128), 40, "short"),  # the context (64) fits the pretraining one: short factors, like transformers
+    (_longrope(32), 40, "long"),  # past it: long factors, like transformers once a sequence passes 32
+    (_longrope(128, attention_factor=1.1), 20, "short"),
+])
+def test_partial_rotary_and_longrope_match_transformers(kw, n_tokens, factor):
+    import math
+
+    from edgelm.converters.model import rope_attention_scale, rope_inv_freq
+
+    hf, model = _hf_pair("phi3", **kw)
+    cfg = model.cfg
+    assert cfg.rotary_dim == int(16 * kw["partial_rotary_factor"]) and cfg.to_dict()["rotary_dim"] == cfg.rotary_dim
+    _assert_logits_match(hf, model, n_tokens)
+    _assert_stateful_decoding_matches(hf, cfg, model.state_dict())
+    if factor:  # the test would see the other table: the two factor lists give other frequencies
+        rs = cfg.rope_scaling
+        want = 1 / torch.tensor(rs[f"{factor}_factor"], dtype=torch.float64)
+        assert torch.allclose(rope_inv_freq(cfg) / rope_inv_freq(ModelConfig.from_dict(
+            {**cfg.to_dict(), "rope_scaling": None})), want)
+        scale = rs.get("attention_factor") or math.sqrt(1 + math.log(256 / rs["original_max_position_embeddings"])
+                                                        / math.log(rs["original_max_position_embeddings"]))
+        assert rope_attention_scale(cfg) == pytest.approx(scale) and scale > 1
+
+
 def test_config_from_hf_reads_qwen_bias_and_llama3_rope():
     hf, model = _hf_pair("qwen2")
     assert model.cfg.qkv_bias and model.layers[0].attn.wq.bias is not None
@@ -96,12 +130,19 @@ def test_unsupported_rope_scaling_is_a_clear_source_error():
 
     hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                       num_attention_heads=4, max_position_embeddings=256)
-    hf_cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
-    with pytest.raises(SourceError, match="RoPE scaling 'longrope' is not supported"):
+    hf_cfg.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(SourceError, match="RoPE scaling 'proportional' is not supported"):
+        config_from_hf(hf_cfg, max_context=64)
+    hf_cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8}
+    with pytest.raises(SourceError, match="'longrope' needs long_factor, original_max_position_embeddings"):
+        config_from_hf(hf_cfg, max_context=64)
+    hf_cfg.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 6,
+                              "long_factor": [1.0] * 6, "original_max_position_embeddings": 128}
+    with pytest.raises(SourceError, match=r"short_factor has 6 entries; .* \(16 dimensions\) needs 8"):
         config_from_hf(hf_cfg, max_context=64)
     phi = transformers.Phi3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                  num_attention_heads=4, pad_token_id=0, partial_rotary_factor=0.75)  # Phi-4-mini
-    with pytest.raises(SourceError, match="partial rotary embeddings"):
+                                  num_attention_heads=4, pad_token_id=0, partial_rotary_factor=0.1)
+    with pytest.raises(SourceError, match="partial_rotary_factor 0.1 of head_dim 16 rotates 1 dimensions"):
         config_from_hf(phi, max_context=64)
 
 
