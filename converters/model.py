@@ -236,6 +236,7 @@ class Attention(nn.Module):
         self.wo = make_linear(cfg, p + "wo", cfg.o_bias)
         self.max_context = cfg.max_context
         self.window = cfg.window(layer)  # sliding-window layers attend to the last `window` positions
+        self.softcap = cfg.attn_softcap  # Gemma 2: scores capped by cap * tanh(score / cap)
         self.impl = "plain"
         self.stateful = False
 
@@ -271,15 +272,34 @@ class Attention(nn.Module):
         g = h // self.n_kv
         q = q.transpose(1, 2).reshape(b, self.n_kv, g * s, d)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        if self.softcap:
+            scores = torch.tanh(scores * (1.0 / self.softcap)) * self.softcap
         scores = scores + mask.repeat(g, 1)
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, KV, g*S, D]
         return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
+
+    def _attend_capped(self, q, mask):
+        """The executorch layout's attention with soft-capped scores, over the cache's filled rows
+        ``[0, n)`` (``mask``: [S, n]). q: [B, S, H, D]; the cache is [B, T, KV, D]. Each KV head is
+        repeated for its query heads: folding them into the rows as :meth:`_attend` does makes
+        torch.export guard on the symbolic length."""
+        b, s, h, d = q.shape
+        n = mask.shape[1]
+        g = h // self.n_kv
+        keys = self.k_cache.narrow(1, 0, n).repeat_interleave(g, dim=2).transpose(1, 2)  # [B, H, n, D]
+        values = self.v_cache.narrow(1, 0, n).repeat_interleave(g, dim=2).transpose(1, 2)
+        scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        scores = torch.tanh(scores * (1.0 / self.softcap)) * self.softcap + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, H, S, D]
+        return out.transpose(1, 2).reshape(b, s, h * d)
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
         q, k, v = self._qkv(x, cos, sin, rot)
         if self.impl == "executorch":
             torch.ops.llama.update_cache(k, self.k_cache, start_pos)
             torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+            if self.softcap:  # custom_sdpa cannot cap scores: attend over the filled rows [0, n) under the mask
+                return self.wo(self._attend_capped(q, mask)), None
             if mask is None:  # causal over [0, start_pos + S)
                 out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
             else:  # a sliding window: the kernel takes a mask over the filled rows [0, start_pos + S) instead
@@ -448,6 +468,8 @@ class Decoder(nn.Module):
             torch._check(start_pos + s <= t)
             rotary = self._rotary(start_pos, None, s)
             pos = mask = None  # custom_sdpa is causal by itself
+            if self.cfg.attn_softcap:  # but capped scores are computed here, under a mask over the filled rows
+                mask = attention_mask(start_pos + torch.arange(s), start_pos + s)
             # sliding-window layers: a mask over the filled rows only (over all T, decode ran 2.5x slower)
             local_mask = None if window is None else attention_mask(start_pos + torch.arange(s), start_pos + s, window)
         else:
@@ -476,15 +498,21 @@ class Decoder(nn.Module):
             x = x.index_select(1, logits_to_keep)
         elif last:
             x = x[:, -1:, :]
-        logits = self.output(self.norm(x))
+        logits = self.head(x)
         logits = logits[:, -1, :] if last else logits
         return logits if caches is None else (logits, new_rows)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states ``x``: the final norm, the LM head and (Gemma 2) the logits' soft cap."""
+        logits = self.output(self.norm(x))
+        cap = self.cfg.final_softcap
+        return torch.tanh(logits * (1.0 / cap)) * cap if cap else logits
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
                        hf_config: object | None = None) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Gemma 3 (or GPT-2) state dict to the
-    canonical names. Gemma 3 needs its ``hf_config`` (the query scale folds into the weights)."""
+    """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Gemma 2/Gemma 3 (or GPT-2) state dict to the
+    canonical names. Gemma needs its ``hf_config`` (the query scale folds into the weights)."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
     names = {
@@ -493,7 +521,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
         "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
     }
-    if cfg.arch == "gemma3":  # sandwich norms: "post_attention" is the attention output's own norm
+    if cfg.sandwich_norm:  # Gemma: "post_attention" is the attention output's own norm
         names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
                       "post_feedforward_layernorm": "mlp_post_norm"})
     out: dict[str, torch.Tensor] = {}
@@ -519,26 +547,27 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
             elif mod in names:
                 out[p + f"{names[mod]}.{param}"] = value
             # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
-    if cfg.arch == "gemma3":
-        _fold_gemma3(out, cfg, hf_config)
+    if cfg.arch in ("gemma2", "gemma3"):
+        _fold_gemma(out, cfg, hf_config)
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out
 
 
-def _fold_gemma3(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object | None) -> None:
+def _fold_gemma(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object | None) -> None:
     """Gemma's RMSNorm multiplies by ``1 + weight``: store ``1 + weight``. Its attention scales scores
     by ``query_pre_attn_scalar ** -0.5``, not ``head_dim ** -0.5``: the ratio goes into the query norm
-    (RoPE is linear), so every exporter's attention keeps its usual scale."""
+    (Gemma 3) or the query projection (Gemma 2; RoPE is linear), so every exporter's attention keeps
+    its usual scale."""
     scalar = getattr(hf_config, "query_pre_attn_scalar", None)
     if scalar is None:
-        raise ValueError("Gemma 3 weights need the model's config (query_pre_attn_scalar) to convert")
+        raise ValueError("Gemma weights need the model's config (query_pre_attn_scalar) to convert")
     q_scale = math.sqrt(cfg.head_dim / float(scalar))
     for key in list(sd):
         if key.endswith("norm.weight"):
             sd[key] = 1.0 + sd[key]
-            if key.endswith("attn.q_norm.weight"):
-                sd[key] = sd[key] * q_scale
+        if key.endswith("attn.q_norm.weight" if cfg.qk_norm else ("attn.wq.weight", "attn.wq.bias")):
+            sd[key] = sd[key] * q_scale
 
 
 def _state_dict_from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

