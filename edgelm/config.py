@@ -56,6 +56,9 @@ class ModelConfig:
     # so do the final logits with their own cap. None: no capping.
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Layers without a rotary embedding (SmolLM3's NoPE layers, every 4th): their queries and keys
+    # carry no position; the causal mask still does. None: every layer rotates.
+    nope_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -79,6 +82,10 @@ class ModelConfig:
                 raise ValueError("local_layers need a local_rope_theta or a sliding_window")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be a positive number of tokens, not {self.sliding_window}")
+        if self.nope_layers is not None:
+            self.nope_layers = sorted(int(i) for i in self.nope_layers)
+            if any(not 0 <= i < self.n_layers for i in self.nope_layers):
+                raise ValueError(f"nope_layers {self.nope_layers} need indices below {self.n_layers}")
         if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim must be even and within the head ({self.head_dim}), not {self.rotary_dim}")
 
@@ -87,7 +94,7 @@ class ModelConfig:
         data = asdict(self)
         # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
         for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window", "rotary_dim", "attn_softcap",
-                     "final_softcap"):
+                     "final_softcap", "nope_layers"):
             if not data[name]:
                 data.pop(name)
         return data

@@ -98,6 +98,11 @@ def _random_causal_lm(arch: str):
             num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256,
             sliding_window=12, attn_logit_softcapping=5.0, final_logit_softcapping=8.0, pad_token_id=0,
             bos_token_id=256, eos_token_id=256))
+    if arch == "smollm3":  # NoPE: its second layer has no rotary embedding
+        return transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, no_rope_layer_interval=2, tie_word_embeddings=True,
+            pad_token_id=0, bos_token_id=256, eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -111,13 +116,13 @@ def _random_causal_lm(arch: str):
         bos_token_id=256, eos_token_id=256))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
-    the local layers), Phi-4-mini's shape (partial rotary, LongRoPE) and Gemma 2 (soft-capped scores
-    and logits) from transformers folders: every format's bundle generates transformers' own greedy
-    tokens."""
+    the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
+    and logits) and SmolLM3 (layers without RoPE) from transformers folders: every format's bundle
+    generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -140,7 +145,7 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
     for fmt in ("pte", "onnx", "tflite"):
         engine = Engine.load(out / fmt, threads=2)
         parity = engine.manifest.verification["parity"]
-        assert engine.manifest.model.arch == ("llama" if arch == "phi3" else arch) and parity["passed"]
+        assert engine.manifest.model.arch == ("llama" if arch in ("phi3", "smollm3") else arch) and parity["passed"]
         assert parity["max_abs_err"] < 1e-4, (fmt, parity)  # GPT-2's tanh GELU is that GELU in XNNPACK too
         ids = engine.encode_prompt(prompt)
         got = list(engine.generate_ids(ids, max_new_tokens=24))

@@ -25,10 +25,10 @@ def _hf_pair(model_type: str, **kw):
 
     cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
-               "phi3": transformers.Phi3Config}[model_type]
+               "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config}[model_type]
     cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
                  "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "phi3": transformers.Phi3ForCausalLM}[model_type]
+                 "phi3": transformers.Phi3ForCausalLM, "smollm3": transformers.SmolLM3ForCausalLM}[model_type]
     hf = _random_hf(cls_model, cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                        **kw))
@@ -64,6 +64,23 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
     _assert_logits_match(hf, model, 20)
+
+
+def test_smollm3_nope_layers_match_transformers():
+    """SmolLM3: a Llama whose every 4th layer (here the middle one) has no rotary embedding."""
+    hf, model = _hf_pair("smollm3", no_rope_layers=[1, 0, 1], pad_token_id=0, tie_word_embeddings=True)
+    cfg = model.cfg
+    assert (cfg.arch, cfg.nope_layers, [b.attn.rope for b in model.layers]) == ("llama", [1], [True, False, True])
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and "nope_layers" not in tiny_config().to_dict()
+    _assert_logits_match(hf, model, 40)
+    _assert_stateful_decoding_matches(hf, cfg, model.state_dict())
+    rotating = build_decoder(ModelConfig.from_dict({**cfg.to_dict(), "nope_layers": None}), model.state_dict())
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        rotating.full_logits = True
+        diff = model(ids, torch.tensor([0]), model.empty_caches())[0] - \
+            rotating(ids, torch.tensor([0]), rotating.empty_caches())[0]
+    assert diff.abs().max() > 1e-2  # the test would see a NoPE layer that rotates
 
 
 def _longrope(original: int, **kw) -> dict:
