@@ -374,13 +374,23 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     cfg = m.model
     click.echo(f"bundle      {root}")
     click.echo(f"format      {m.format} ({m.model_file}), scheme {m.scheme}, schema v{m.schema_version}")
+    rs = cfg.rope_scaling or {}
+    extras = [f"{rs.get('rope_type', rs.get('type'))} RoPE scaling" if rs else "",
+              f"RoPE on {cfg.rotary_dim} of {cfg.head_dim} head dims" if cfg.rotary_dim else "",
+              f"no RoPE in {len(cfg.nope_layers)} of {cfg.n_layers} layers" if cfg.nope_layers else "",
+              f"soft caps: attention {cfg.attn_softcap}, logits {cfg.final_softcap}"
+              if cfg.attn_softcap or cfg.final_softcap else ""]
     click.echo(f"model       {cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, "
-               f"{cfg.num_parameters() / 1e6:.1f} M parameters")
+               f"{cfg.num_parameters() / 1e6:.1f} M parameters" + "".join(f"; {e}" for e in extras if e))
     window = ""
     if cfg.sliding_window:
         slide = cfg.n_layers if cfg.local_layers is None else len(cfg.local_layers)
         window = f" (sliding window of {cfg.sliding_window} in {slide} of {cfg.n_layers} layers)"
     click.echo(f"context     {m.max_context} tokens{window}; chat template: {'yes' if m.chat_template else 'no'}")
+    verify = int(m.io.get("max_verify", 0))
+    click.echo("decoding    " + (f"up to {verify} tokens checked per call: a target for --draft and --lookup"
+                                 if verify >= 2 else "one token per call: not a target for --draft or --lookup"
+                                 + (" (convert it again to make it one)" if m.format in ("pte", "onnx") else "")))
     click.echo(f"source      {m.source.get('kind', '?')}: {m.source.get('path', '?')}")
     for name, info in m.files.items():
         click.echo(f"file        {name:<16} {info['size'] / 1e6:9.2f} MB  sha256 {info['sha256'][:16]}…")

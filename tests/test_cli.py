@@ -141,6 +141,11 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
                                          eos_token="<|im_end|>").save_pretrained(folder)
     out = tmp_path / "bundles"
     edgelm("convert", folder, "-f", "all", "--max-context", "64", "-o", out, check=True)
+    shown = {"phi3": "llama: 2 layers, dim 64, vocab 260, 0.1 M parameters; longrope RoPE scaling; "
+                     "RoPE on 12 of 16 head dims\n",
+             "gemma2": "parameters; soft caps: attention 5.0, logits 8.0\n",
+             "smollm3": "parameters; no RoPE in 1 of 2 layers\n"}.get(arch, "parameters\n")
+    assert shown in edgelm("inspect", out / "onnx", check=True).stdout
     prompt = "The lighthouse keeper"
     for fmt in ("pte", "onnx", "tflite"):
         engine = Engine.load(out / fmt, threads=2)

@@ -118,6 +118,7 @@ def old_onnx(onnx_target, tmp_path_factory):
     logits.CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, vocab]))
     onnx.save(m, str(out / "model.onnx"))
     manifest = json.loads((out / "edgelm.json").read_text())
+    del manifest["io"]["max_verify"], manifest["io"]["inputs"]["logits_to_keep"]
     manifest["files"]["model.onnx"] = {"sha256": sha256_file(out / "model.onnx"),
                                        "size": (out / "model.onnx").stat().st_size}
     (out / "edgelm.json").write_text(json.dumps(manifest))
@@ -354,6 +355,10 @@ def test_cli_run_and_bench_with_prompt_lookup(tiny_pte, draft, old_onnx):
     assert rows[1]["lookup"] == 3 and rows[1]["size_mb"] == rows[0]["size_mb"]
     assert_clean_error(edgelm("run", tiny_pte, "hi", "--lookup", "--draft", draft), "give one")
     assert_clean_error(edgelm("run", old_onnx, "hi", "--lookup"), "no verify method")
+    assert "one token per call: not a target for --draft or --lookup (convert it again to make it one)" in \
+        edgelm("inspect", old_onnx, check=True).stdout
+    assert "up to 16 tokens checked per call: a target for --draft and --lookup" in \
+        edgelm("inspect", tiny_pte, check=True).stdout
 
 
 def test_one_source_of_proposals_at_a_time(tiny_pte, draft):
