@@ -228,7 +228,8 @@ def _config_from_gemma(hf: Any, max_context: int | None, arch: str) -> ModelConf
     local_layers = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
     ctx = _context(limit, max_context)
     window = _window(hf, ctx).get("sliding_window")
-    if not (local or window):  # Gemma 2 within its window: the local layers are like the others
+    gemma3 = arch == "gemma3"
+    if not (gemma3 or window):  # Gemma 2 within its window: the local layers are like the others
         local_layers = []
     softcaps = [getattr(hf, name, None) for name in ("attn_logit_softcapping", "final_logit_softcapping")]
     return ModelConfig(
@@ -241,7 +242,7 @@ def _config_from_gemma(hf: Any, max_context: int | None, arch: str) -> ModelConf
         o_bias=bool(getattr(hf, "attention_bias", False)),
         max_context=ctx,
         local_layers=local_layers or None,
-        local_rope_theta=float(local.get("rope_theta", 10_000.0)) if local else None,
+        local_rope_theta=float(local.get("rope_theta", 10_000.0)) if gemma3 and local_layers else None,
         sliding_window=window,
         attn_softcap=float(softcaps[0]) if softcaps[0] else None,
         final_softcap=float(softcaps[1]) if softcaps[1] else None,
