@@ -1,11 +1,11 @@
-"""What speculative decoding can gain for a target .pte and candidate drafts.
+"""What speculative decoding can gain for a target (.pte or .onnx) and candidate drafts.
 
 1. The cost of one target pass over 1, 2, 4, 6 and 8 tokens (``decode`` / ``verify``): how much
    more a pass checking a draft run costs than a plain decode step.
 2. Each draft's teacher-forced agreement with the target's greedy tokens: the target answers
    some chat prompts greedily, each draft reads the same tokens and predicts the next one.
 
-    python scripts/speculative_probe.py TARGET_PTE [DRAFT ...] [--tokens 128] [--threads 2]
+    python scripts/speculative_probe.py TARGET [DRAFT ...] [--tokens 128] [--threads 2]
 """
 
 from __future__ import annotations
