@@ -272,9 +272,7 @@ class Attention(nn.Module):
         g = h // self.n_kv
         q = q.transpose(1, 2).reshape(b, self.n_kv, g * s, d)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-        if self.softcap:
-            scores = torch.tanh(scores * (1.0 / self.softcap)) * self.softcap
-        scores = scores + mask.repeat(g, 1)
+        scores = soft_cap(scores, self.softcap) + mask.repeat(g, 1)
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, KV, g*S, D]
         return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
@@ -289,7 +287,7 @@ class Attention(nn.Module):
         keys = self.k_cache.narrow(1, 0, n).repeat_interleave(g, dim=2).transpose(1, 2)  # [B, H, n, D]
         values = self.v_cache.narrow(1, 0, n).repeat_interleave(g, dim=2).transpose(1, 2)
         scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-        scores = torch.tanh(scores * (1.0 / self.softcap)) * self.softcap + mask
+        scores = soft_cap(scores, self.softcap) + mask
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, H, S, D]
         return out.transpose(1, 2).reshape(b, s, h * d)
 
@@ -318,6 +316,11 @@ class Attention(nn.Module):
             keys = torch.cat((cache[0].narrow(2, 0, start_pos), k), dim=2)
             values = torch.cat((cache[1].narrow(2, 0, start_pos), v), dim=2)
         return self.wo(self._attend(q, keys, values, mask)), (k, v)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's attention scores and logits); ``x`` itself when ``cap`` is None."""
+    return torch.tanh(x * (1.0 / cap)) * cap if cap else x
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -504,9 +507,7 @@ class Decoder(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states ``x``: the final norm, the LM head and (Gemma 2) the logits' soft cap."""
-        logits = self.output(self.norm(x))
-        cap = self.cfg.final_softcap
-        return torch.tanh(logits * (1.0 / cap)) * cap if cap else logits
+        return soft_cap(self.output(self.norm(x)), self.cfg.final_softcap)
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,

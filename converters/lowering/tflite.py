@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
-from edgelm.converters.model import attention_mask
+from edgelm.converters.model import attention_mask, soft_cap
 from edgelm.converters.quant import smooth_activations
 from edgelm.errors import ConversionError, FormatError
 
@@ -112,9 +112,7 @@ def _attention(attn, x, cos, sin, rot, k_cache, v_cache, mask):
     scores = torch.cat((old, new), dim=-1)
     if not scale_q:
         scores = scores * (1.0 / math.sqrt(d))
-    if attn.softcap:  # Gemma 2
-        scores = torch.tanh(scores * (1.0 / attn.softcap)) * attn.softcap
-    scores = scores + mask.repeat(g, 1)
+    scores = soft_cap(scores, attn.softcap) + mask.repeat(g, 1)  # Gemma 2 caps its scores
     p = torch.softmax(scores, dim=-1)
     t = k_cache.shape[2]
     out = torch.matmul(p[..., :t], v_cache) + torch.matmul(p[..., t:], v)

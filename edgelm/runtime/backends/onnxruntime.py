@@ -163,7 +163,7 @@ class OnnxRuntimeBackend:
         self.session.run_with_iobinding(self._binding(tokens, positions, keep, logits, rows))
         for cache, row in zip(self.caches, rows):
             cache[:, :, start_pos:start_pos + s] = row
-        return logits.reshape(len(keep) if self._keep else 1, self._vocab)
+        return logits.reshape(-1, self._vocab)
 
     def prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         return self._run(tokens, start_pos, False).reshape(-1)
