@@ -345,3 +345,11 @@ def test_config_validation_and_roundtrip():
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="entries"):
         tiny_config(ffn_dim=[1, 2, 3])
+    head = cfg.head_dim
+    for bad in (3, head + 2, 0):
+        with pytest.raises(ValueError, match="rotary_dim must be even and within the head"):
+            tiny_config(rotary_dim=bad)
+    assert tiny_config(rotary_dim=head - 2).rotary_dim == head - 2
+    with pytest.raises(ValueError, match="nope_layers .* need indices below"):
+        tiny_config(nope_layers=[cfg.n_layers])
+    assert tiny_config(nope_layers=[1, 0]).nope_layers == [0, 1]
