@@ -84,6 +84,7 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
     keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share"] + (["acceptance"] if engine.speculative else [])
     samples: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(warmup + runs):
+        engine.reset()  # every run prefills the whole prompt
         for _ in engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True):
             pass
         if i >= warmup:

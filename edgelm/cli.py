@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -302,61 +303,157 @@ def _template_vars(ctx: click.Context, param: click.Parameter, values: tuple[str
     return out
 
 
+def _generation_options(f):
+    """What ``run`` and ``chat`` share: the system message, template variables, sampling, stops,
+    threads, speculative decoding and ``--stats``."""
+    for option in reversed([
+        click.option("--system", default=None, help="System message (chat template)."),
+        click.option("--template-var", "template_vars", multiple=True, metavar="KEY=VALUE", callback=_template_vars,
+                     help="A chat-template variable, e.g. enable_thinking=false for Qwen3 (VALUE is read as JSON "
+                          "when it parses, else as text; repeatable)."),
+        click.option("-n", "--max-new-tokens", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", "stops", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens instead of failing when the "
+                     "prompt does not fit the context window."),
+        click.option("--threads", type=click.IntRange(1, 256), default=None),
+        _draft_options,
+        click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _open_engine(bundle: Path, opts: dict[str, Any]):
+    """The engine and sampling settings that :func:`_generation_options` describe."""
+    from edgelm.runtime import Engine, SamplingConfig
+    from edgelm.runtime.engine import LOOKUP_NGRAM
+
+    if opts["draft"] is not None and opts["lookup"]:
+        raise click.UsageError("--draft and --lookup are two ways to propose tokens; give one")
+    engine = Engine.load(bundle, threads=opts["threads"], draft=opts["draft"], draft_tokens=opts["draft_tokens"],
+                         lookup=LOOKUP_NGRAM if opts["lookup"] else 0)
+    sampling = SamplingConfig(temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+                              repetition_penalty=opts["repetition_penalty"], seed=opts["seed"])
+    return engine, sampling
+
+
+def _stats_line(engine) -> str:
+    s = engine.last_stats
+    return (
+        f"[{engine.manifest.format}/{engine.manifest.scheme}] prompt {s.prompt_tokens} tokens"
+        + (f" ({s.reused_tokens} already in the KV cache)" if s.reused_tokens else "")
+        + f", generated {s.generated_tokens} ({s.stop_reason}); time to first token {s.ttft_s * 1e3:.0f} ms; "
+        f"prefill {s.prefill_tps:.1f} tokens/s; decode {s.decode_tps:.1f} tokens/s; "
+        f"runtime overhead {s.overhead_share:.1%} of decode time"
+        + (f"; speculative: {s.accepted_tokens} of {s.draft_tokens} draft tokens accepted ({s.acceptance:.0%})"
+           if engine.speculative else "")
+    )
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("--chat/--raw", default=None, help="Wrap PROMPT in the bundle's chat template (default: if it has one).")
-@click.option("--system", default=None, help="System message for --chat.")
-@click.option("--template-var", "template_vars", multiple=True, metavar="KEY=VALUE", callback=_template_vars,
-              help="A chat-template variable, e.g. enable_thinking=false for Qwen3 (VALUE is read as JSON "
-                   "when it parses, else as text; repeatable).")
-@click.option("-n", "--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("--stop", "stops", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--truncate", is_flag=True, help="Drop the oldest prompt tokens instead of failing when the prompt "
-              "does not fit the context window.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None)
-@_draft_options
-@click.option("--stats", is_flag=True, help="Print time to first token and prefill/decode speed.")
-def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, template_vars: dict[str, Any],
-        max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-        stops: tuple[str, ...], truncate: bool, threads: int | None, draft: Path | None, lookup: bool,
-        draft_tokens: int, stats: bool) -> None:
+@_generation_options
+def run(bundle: Path, prompt: str, chat: bool | None, **opts: Any) -> None:
     """Stream the model's answer to PROMPT from BUNDLE."""
-    from edgelm.runtime import Engine, SamplingConfig
-    from edgelm.runtime.engine import LOOKUP_NGRAM
-
-    if draft is not None and lookup:
-        raise click.UsageError("--draft and --lookup are two ways to propose tokens; give one")
-    engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens,
-                         lookup=LOOKUP_NGRAM if lookup else 0)
+    engine, sampling = _open_engine(bundle, opts)
     use_chat = bool(engine.manifest.chat_template) if chat is None else chat
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
-    if template_vars and not use_chat:
+    if opts["template_vars"] and not use_chat:
         raise click.UsageError("--template-var sets chat-template variables; it needs --chat and a bundle "
                                "with a chat template")
-    for piece in engine.generate(prompt, chat=use_chat, system=system, max_new_tokens=max_new_tokens,
-                                 sampling=sampling, stop=stops, overflow="truncate" if truncate else "error",
-                                 template_vars=template_vars):
+    for piece in engine.generate(prompt, chat=use_chat, system=opts["system"], max_new_tokens=opts["max_new_tokens"],
+                                 sampling=sampling, stop=opts["stops"],
+                                 overflow="truncate" if opts["truncate"] else "error",
+                                 template_vars=opts["template_vars"]):
         click.echo(piece, nl=False)
     click.echo()
     sys.stdout.flush()
-    if stats:
-        s = engine.last_stats
-        click.echo(
-            f"[{engine.manifest.format}/{engine.manifest.scheme}] prompt {s.prompt_tokens} tokens, "
-            f"generated {s.generated_tokens} ({s.stop_reason}); time to first token {s.ttft_s * 1e3:.0f} ms; "
-            f"prefill {s.prefill_tps:.1f} tokens/s; decode {s.decode_tps:.1f} tokens/s; "
-            f"runtime overhead {s.overhead_share:.1%} of decode time"
-            + (f"; speculative: {s.accepted_tokens} of {s.draft_tokens} draft tokens accepted ({s.acceptance:.0%})"
-               if engine.speculative else ""),
-            err=True,
-        )
+    if opts["stats"]:
+        click.echo(_stats_line(engine), err=True)
+
+
+def _messages(interactive: bool) -> Iterator[str]:
+    """What the user types, one message at a time; a line ending in a backslash goes on on the next."""
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+    pending: list[str] = []
+    while True:
+        if interactive:
+            try:
+                line: str | None = input("... " if pending else "> ")
+            except EOFError:
+                click.echo()
+                line = None
+        else:
+            raw = sys.stdin.readline()
+            line = raw.rstrip("\n") if raw else None
+        if line is None:
+            if pending:
+                yield "\n".join(pending)
+            return
+        if line.endswith("\\"):
+            pending.append(line[:-1])
+            continue
+        yield "\n".join([*pending, line])
+        pending = []
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_generation_options
+def chat(bundle: Path, **opts: Any) -> None:
+    """Talk with BUNDLE: each line you type is a message and the answer streams back.
+
+    The conversation stays in the KV cache, so a turn runs only its new tokens. End a line
+    with a backslash to go on on the next one. /reset starts over; /exit or Ctrl-D leaves;
+    Ctrl-C stops an answer. Reads stdin line by line when it is not a terminal.
+    """
+    from edgelm.errors import ContextOverflowError
+
+    engine, sampling = _open_engine(bundle, opts)
+    conversation = engine.chat(system=opts["system"], template_vars=opts["template_vars"])
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"edgelm chat: {engine.root} ({engine.manifest.format}/{engine.manifest.scheme}). "
+                   "/reset starts over, /exit or Ctrl-D leaves.", err=True)
+    failed = 0
+    for text in _messages(interactive):
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            conversation.reset()
+            click.echo("(a new conversation)", err=True)
+            continue
+        dropped = conversation.dropped_turns
+        try:
+            for piece in conversation.send(text, max_new_tokens=opts["max_new_tokens"], sampling=sampling,
+                                           stop=opts["stops"], overflow="truncate" if opts["truncate"] else "error"):
+                click.echo(piece, nl=False)
+        except ContextOverflowError as e:
+            failed += 1
+            click.secho(f"error: {e}", fg="red", err=True)
+            continue
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            click.echo(" [stopped]", nl=False, err=True)
+        click.echo()
+        sys.stdout.flush()
+        if conversation.dropped_turns > dropped:
+            click.echo(f"(the conversation outgrew the context window: the {conversation.dropped_turns} oldest "
+                       "turns are left out)", err=True)
+        if opts["stats"]:
+            click.echo(_stats_line(engine), err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -192,3 +192,10 @@ def test_external_data_path(tiny_model, tmp_path, tiny_onnx):
         return sess.run(["logits"], feed)[0]
 
     np.testing.assert_allclose(logits(out), logits(tiny_onnx / "model.onnx"), atol=1e-5)
+
+
+def test_prefix_reuse(tiny_onnx):
+    """The next prompt runs only the tokens the cache does not hold, with a fresh engine's output."""
+    from .test_chat import check_prefix_reuse
+
+    check_prefix_reuse(tiny_onnx)

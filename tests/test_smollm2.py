@@ -79,6 +79,25 @@ def test_pte_chat_answer_is_sensible(smollm2_pte):
     assert engine.last_stats.decode_tps > 0
 
 
+def test_chat_turns_match_transformers(smollm2_pte, hf_smollm2):
+    """The second turn runs from the KV cache the first left and still answers as transformers does
+    on the whole conversation."""
+    hf_model, hf_tok = hf_smollm2
+    engine = Engine.load(smollm2_pte, threads=2)
+    chat = engine.chat(system="You are a geography teacher.")
+    first = chat.ask("What is the capital of France?", max_new_tokens=24)
+    first_prompt = engine.last_stats.prompt_tokens
+    second = chat.ask("Which river flows through it?", max_new_tokens=24)
+    assert engine.last_stats.reused_tokens >= first_prompt + 5  # the first turn's prompt and most of its answer
+    messages = chat.conversation()[:-1]
+    assert messages[2] == {"role": "assistant", "content": first}
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
+    assert engine.encode_prompt(messages) == ids
+    want = hf_greedy(hf_model, ids, engine.eos_ids, 24)
+    assert second == engine.tokenizer.decode(want)
+
+
 def test_pte_bundle_stores_tied_embedding_once(smollm2_pte, smollm2_source):
     cfg = smollm2_source.config
     assert cfg.tie_embeddings

@@ -189,3 +189,11 @@ def test_missing_runtime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tflite_runtime", None)
     with pytest.raises(BackendUnavailableError, match=r"edgelm\[tflite\]"):
         interpreter_class()
+
+
+def test_prefix_reuse(tiny_tflite):
+    """The next prompt runs only the tokens the cache does not hold (from any position: a prefill
+    signature brings its own cache inputs up to date), with a fresh engine's output."""
+    from .test_chat import check_prefix_reuse
+
+    check_prefix_reuse(tiny_tflite)

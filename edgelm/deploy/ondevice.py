@@ -255,6 +255,7 @@ def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
     first_tokens: list[int] = []
     wall = time.perf_counter()
     for i in range(warmup + runs):
+        engine.reset()  # every run prefills the whole prompt
         toks = list(engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True))
         if i == 0:
             first_tokens = toks

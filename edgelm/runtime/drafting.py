@@ -33,7 +33,8 @@ class ModelDrafter:
         self.behind: int | None = None  # a token the draft has not run yet, at pos - 1
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self.draft._prefill(list(prompt_ids))
+        ids = list(prompt_ids)
+        self.draft._prefill(ids, self.draft.backend.reusable(ids))
         self.behind = None
 
     def propose(self, tok: int, pos: int, k: int, history: Sequence[int],
