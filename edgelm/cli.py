@@ -433,9 +433,10 @@ def chat(bundle: Path, **opts: Any) -> None:
             click.echo("(a new conversation)", err=True)
             continue
         dropped = conversation.dropped_turns
+        stream = conversation.send(text, max_new_tokens=opts["max_new_tokens"], sampling=sampling,
+                                   stop=opts["stops"], overflow="truncate" if opts["truncate"] else "error")
         try:
-            for piece in conversation.send(text, max_new_tokens=opts["max_new_tokens"], sampling=sampling,
-                                           stop=opts["stops"], overflow="truncate" if opts["truncate"] else "error"):
+            for piece in stream:
                 click.echo(piece, nl=False)
         except ContextOverflowError as e:
             failed += 1
@@ -444,6 +445,7 @@ def chat(bundle: Path, **opts: Any) -> None:
         except KeyboardInterrupt:
             if not interactive:
                 raise
+            stream.close()  # the answer so far joins the conversation now, before the next message
             click.echo(" [stopped]", nl=False, err=True)
         click.echo()
         sys.stdout.flush()

@@ -29,6 +29,34 @@ class SamplingConfig:
             raise ValueError("repetition_penalty must be > 0 (1 disables it)")
 
 
+#: how many of the most probable tokens top-p looks at first (then 8x more, until they hold top_p)
+NUCLEUS_FIRST = 64
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Top-p's tokens: the smallest set of the most probable tokens whose mass reaches ``top_p``
+    (at least one), most probable first, ties by lower id: the prefix a full stable sort gives,
+    less any tokens of probability 0.
+
+    Found by partitioning out the most probable few and sorting only those; sorting the whole
+    vocabulary took 4 / 16 / 29 ms a token for 49k / 152k / 262k tokens (SmolLM2, Qwen, Gemma 3).
+    """
+    ids = np.flatnonzero(probs)  # top-k's zeros out: partitioning many equal values is slow
+    p = probs[ids]
+    n, k = len(p), NUCLEUS_FIRST
+    while k < n:
+        top = np.argpartition(p, n - k)[n - k:]
+        if p[top].sum() >= top_p:
+            top = np.flatnonzero(p >= p[top].min())  # in id order, with every tie of the least probable one
+            break
+        k *= 8
+    else:
+        top = np.arange(n)
+    order = top[np.argsort(-p[top], kind="stable")]
+    cut = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+    return ids[order[:cut]]
+
+
 class Sampler:
     """Stateful sampler (owns the random generator so a seed makes runs repeatable)."""
 
@@ -63,19 +91,17 @@ class Sampler:
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         if c.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            cut = int(np.searchsorted(cum, c.top_p)) + 1
-            keep = order[:cut]
+            keep = nucleus(probs, c.top_p)
             masked = np.zeros_like(probs)
             masked[keep] = probs[keep]
             probs = masked / masked.sum()
         return probs
 
     def draw(self, probs: np.ndarray) -> int:
-        """One token from ``probs`` with this sampler's random generator."""
-        return int(self.rng.choice(probs.size, p=probs))
+        """One token from ``probs`` with this sampler's random generator (tokens of probability 0 never)."""
+        # inverse CDF: a third of Generator.choice(p=...)'s time, which checks and copies p first
+        cdf = np.cumsum(probs, dtype=np.float64)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
 
     def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
         if self.greedy:

@@ -167,3 +167,36 @@ def test_chat_command(tiny_pte):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "context window" in proc.stderr  # the long message fails; the conversation goes on without it
     assert proc.stdout == f"{answers[0]}\n{answers[1]}\n"
+
+
+def test_chat_command_on_a_terminal(tiny_pte):
+    """On a terminal: a banner, a prompt for each message, Ctrl-D leaves with exit code 0."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "chat", str(tiny_pte), "-n", "5"], stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(count: int) -> None:
+        nonlocal seen
+        end = time.monotonic() + 300
+        while seen.count(b"> ") < count:
+            ready, _, _ = select.select([master], [], [], max(0.0, end - time.monotonic()))
+            assert ready, seen
+            seen += os.read(master, 4096)
+
+    try:
+        read_until(1)
+        os.write(master, b"hello\n")
+        read_until(2)  # the answer streamed and the next prompt came
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=120) == 0, seen
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"edgelm chat:" in seen and b"/exit" in seen

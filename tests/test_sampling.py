@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgelm.sampling import Sampler, SamplingConfig
+from edgelm.sampling import NUCLEUS_FIRST, Sampler, SamplingConfig, nucleus
 
 
 def test_greedy_is_argmax():
@@ -27,6 +27,34 @@ def test_top_p_keeps_smallest_nucleus():
     s = Sampler(SamplingConfig(temperature=1.0, top_p=0.7, seed=0))
     draws = {s(np.log(probs)) for _ in range(300)}
     assert draws == {0, 1}
+
+
+def test_nucleus_is_the_prefix_of_a_full_sort():
+    """Partitioning finds what sorting the whole vocabulary finds: flat and peaked distributions,
+    ties (rounded logits), zeros left by top-k, vocabularies below and far above the first guess."""
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        vocab = int(rng.choice([3, NUCLEUS_FIRST - 1, NUCLEUS_FIRST + 1, 700, 5000]))
+        logits = rng.standard_normal(vocab) * float(rng.choice([0.1, 1.0, 3.0, 10.0]))
+        if trial % 3 == 0:
+            logits = np.round(logits, 1)
+        probs = np.exp(logits - logits.max())
+        if trial % 4 == 1:
+            k = int(rng.integers(1, 100))
+            probs[np.argsort(-probs, kind="stable")[k:]] = 0.0
+        probs = (probs / probs.sum()).astype(np.float32)
+        top_p = float(rng.uniform(0.05, 1.0))
+        order = np.argsort(-probs, kind="stable")
+        want = order[:int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+        np.testing.assert_array_equal(nucleus(probs, top_p), want[probs[want] > 0])
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    probs = np.array([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    s = Sampler(SamplingConfig(temperature=1.0, seed=3))
+    counts = np.bincount([s.draw(probs) for _ in range(4000)], minlength=probs.size) / 4000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert np.abs(counts - probs).max() < 0.03
 
 
 def test_repetition_penalty_discourages_seen_tokens():
