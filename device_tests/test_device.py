@@ -42,6 +42,24 @@ def test_greedy_tokens_match_the_host(deployed, transport, host_bundle, report):
     assert got["tokens"] == want
 
 
+def test_chat_on_the_device(deployed, transport, host_bundle, report):
+    """`edgelm chat`, run there as `edgelm deploy` says to: two turns piped in, the host's answers back,
+    the second turn run from the KV cache the first left."""
+    from edgelm.deploy.transports import Transport
+    from edgelm.runtime import Engine
+
+    messages = ["hello", "and then?"]
+    chat = Engine.load(host_bundle).chat()
+    want = "".join(chat.ask(m, max_new_tokens=8) + "\n" for m in messages)
+    script = Transport.script([deployed.python, "-m", "edgelm.cli", "chat", deployed.bundle, "-n", "8", "--stats"],
+                              cwd=deployed.workdir, env={"PYTHONIOENCODING": "utf-8"})
+    proc = transport.shell(script, input="".join(m + "\n" for m in messages), timeout=1800, what="edgelm chat")
+    want = want.replace("\r\n", "\n").replace("\r", "\n")  # text mode reads \r as a newline
+    report.data["checks"]["chat"] = {"equal": proc.stdout == want, "stats": proc.stderr.strip().splitlines()}
+    assert proc.stdout == want
+    assert proc.stderr.count("already in the KV cache") >= 1, proc.stderr
+
+
 def test_latency_report(request, deployed, transport, host_bundle, report):
     from edgelm.deploy.remote_bench import bench_on_device, describe_device, format_device_table
 

@@ -381,7 +381,10 @@ def run(bundle: Path, prompt: str, chat: bool | None, **opts: Any) -> None:
 def _messages(interactive: bool) -> Iterator[str]:
     """What the user types, one message at a time; a line ending in a backslash goes on on the next."""
     if interactive:
-        import readline  # noqa: F401  (line editing and history for input())
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # a Python built without it (some device builds): plain input()
+            pass
     pending: list[str] = []
     while True:
         if interactive:

@@ -80,8 +80,9 @@ def deploy_command(bundle: Path, device: str, workdir: str | None, ssh_config: P
     click.echo(f"{r.device}{emulated}: {r.bundle} ({r.format}, {r.machine}); sent {len(r.sent)} file(s), "
                f"{len(r.skipped)} already there; {installed}; checksums verified on the device "
                f"({r.timings['total_s']:.1f} s)")
-    click.echo(f"run it there:  cd {shlex.quote(r.workdir)} && {shlex.quote(r.python)} -m edgelm.cli run "
-               f"{shlex.quote(r.bundle)} \"Hello\" --stats")
+    there = f"cd {shlex.quote(r.workdir)} && {shlex.quote(r.python)} -m edgelm.cli"
+    click.echo(f"run it there:  {there} run {shlex.quote(r.bundle)} \"Hello\" --stats")
+    click.echo(f"chat there:    {there} chat {shlex.quote(r.bundle)}")
 
 
 def run_device_bench(bundles: tuple[Path, ...], device: str, *, workdir: str | None, ssh_config: Path | None,
