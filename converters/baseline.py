@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from edgelm.bench import DEFAULT_PROMPT, _summary, peak_rss_mb
+from edgelm.bench import DEFAULT_PROMPT, _summary, peak_rss_mb, sampling_label
 
 
 class _Stamps:
@@ -28,8 +28,10 @@ class _Stamps:
 
 
 def bench_eager(source: str | None = None, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
-                warmup: int = 1, threads: int | None = None, chat: bool = True) -> dict[str, Any]:
-    """Time ``transformers`` greedy generation of exactly ``new_tokens`` tokens."""
+                warmup: int = 1, threads: int | None = None, chat: bool = True,
+                sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time ``transformers`` generation of exactly ``new_tokens`` tokens: greedy, or sampled with
+    ``sampling``'s :class:`~edgelm.sampling.SamplingConfig` fields (transformers' own warpers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgelm.converters.sources import embedded_default_path
@@ -53,19 +55,26 @@ def bench_eager(source: str | None = None, prompt: str = DEFAULT_PROMPT, new_tok
     else:
         ids = tok(prompt)["input_ids"]
     inp = torch.tensor([list(ids)])
+    how: dict[str, Any] = {"do_sample": False}
+    if sampling and sampling.get("temperature"):
+        how = {"do_sample": True, "temperature": sampling["temperature"], "top_k": sampling.get("top_k", 0),
+               "top_p": sampling.get("top_p", 1.0), "repetition_penalty": sampling.get("repetition_penalty", 1.0)}
     samples: dict[str, list[float]] = {"ttft_s": [], "prefill_tps": [], "decode_tps": []}
     for i in range(warmup + runs):
         stamps = _Stamps()
+        if sampling and sampling.get("seed") is not None:
+            torch.manual_seed(sampling["seed"])
         t0 = time.perf_counter()
         with torch.no_grad():
             model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, streamer=stamps, pad_token_id=0)
+                           min_new_tokens=new_tokens, streamer=stamps, pad_token_id=0, **how)
         # stamps[0] is the prompt being put, stamps[1] the first new token, then one per token
         first, last = stamps.times[1], stamps.times[-1]
         if i >= warmup:
             samples["ttft_s"].append(first - t0)
             samples["prefill_tps"].append(inp.shape[1] / (first - t0))
             samples["decode_tps"].append((len(stamps.times) - 2) / (last - first))
-    return {"name": "pytorch eager fp32", "kind": "eager", "source": source or "embedded", "threads": threads,
+    return {"name": "pytorch eager fp32" + sampling_label(sampling), "kind": "eager", "source": source or "embedded",
+            "threads": threads,
             "prompt_tokens": inp.shape[1], "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
             **{k: _summary(v) for k, v in samples.items()}, "peak_rss_mb": peak_rss_mb(), "size_mb": None}

@@ -69,13 +69,27 @@ def row_name_and_size(engine) -> tuple[str, int]:
     return name, size
 
 
+def sampling_label(sampling: dict[str, Any] | None) -> str:
+    """``, sampled (temperature 0.7, top-p 0.9)`` for a row that samples, ``""`` for greedy."""
+    if not sampling or not sampling.get("temperature"):
+        return ""
+    parts = [f"temperature {sampling['temperature']:g}"]
+    if sampling.get("top_k"):
+        parts.append(f"top-k {sampling['top_k']}")
+    if sampling.get("top_p", 1.0) < 1.0:
+        parts.append(f"top-p {sampling['top_p']:g}")
+    return f", sampled ({', '.join(parts)})"
+
+
 def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
                  warmup: int = 1, threads: int | None = None, chat: bool = True, draft: str | None = None,
-                 draft_tokens: int = 5, lookup: int = 0) -> dict[str, Any]:
-    """Time ``runs`` greedy generations of exactly ``new_tokens`` tokens from ``bundle``
-    (speculatively with ``draft``, or with prompt lookup of up to ``lookup``-grams, proposing
-    up to ``draft_tokens`` at a time, when given)."""
+                 draft_tokens: int = 5, lookup: int = 0, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time ``runs`` generations of exactly ``new_tokens`` tokens from ``bundle``: greedy, or with
+    ``sampling`` (:class:`~edgelm.sampling.SamplingConfig` fields) when given; speculatively with
+    ``draft``, or with prompt lookup of up to ``lookup``-grams, proposing up to ``draft_tokens``
+    at a time, when given."""
     from edgelm.runtime import Engine
+    from edgelm.sampling import SamplingConfig
 
     t = time.perf_counter()
     engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens, lookup=lookup)
@@ -83,17 +97,22 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
     ids = engine.encode_prompt(prompt, chat=chat and bool(engine.manifest.chat_template))
     keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share"] + (["acceptance"] if engine.speculative else [])
     samples: dict[str, list[float]] = {k: [] for k in keys}
+    first: list[int] = []
     for i in range(warmup + runs):
         engine.reset()  # every run prefills the whole prompt
-        for _ in engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True):
-            pass
+        tokens = list(engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True,
+                                          sampling=SamplingConfig(**sampling) if sampling else None))
+        first = first or tokens
         if i >= warmup:
             s = engine.last_stats
             for k in samples:
                 samples[k].append(getattr(s, k))
     m = engine.manifest
     name, size = row_name_and_size(engine)
+    name += sampling_label(sampling)
     extra: dict[str, Any] = {"draft_tokens": engine.draft_tokens} if engine.speculative else {}
+    if sampling:
+        extra["sampling"] = sampling
     if engine.draft is not None:
         extra["draft"] = str(draft)
     if engine.lookup:
@@ -103,7 +122,7 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
         "scheme": m.scheme, "threads": getattr(engine.backend, "threads", threads), "prompt_tokens": len(ids),
         "new_tokens": new_tokens, "runs": runs, "warmup": warmup, "load_s": load_s,
         **{k: _summary(v) for k, v in samples.items()},
-        "peak_rss_mb": peak_rss_mb(), "size_mb": size / 1e6,
+        "peak_rss_mb": peak_rss_mb(), "size_mb": size / 1e6, "tokens": first,
         # .pte rows: whether the methods shared one packed copy of the weights (README: Memory)
         **({"weight_cache": engine.backend.weight_cache} if hasattr(engine.backend, "weight_cache") else {}),
     }

@@ -518,13 +518,18 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
               help="Also write the results as JSON to this file ('-': print the JSON instead of the table).")
 @click.option("--small-pages", is_flag=True,
               help="Also time every bundle without huge pages for the weights (see README: Huge pages).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Sample instead of greedy decoding (every row, the eager one included).")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @_draft_options
 @device_options(required=False)
 def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, warmup: int,
-          new_tokens: int, prompt: str | None, json_out: Path | None, small_pages: bool, draft: Path | None,
-          lookup: bool, draft_tokens: int, device: str | None, workdir: str | None,
-          ssh_config: Path | None, install: bool, device_python: str | None, connect_timeout: int,
-          pip_args: tuple[str, ...]) -> None:
+          new_tokens: int, prompt: str | None, json_out: Path | None, small_pages: bool, temperature: float,
+          top_k: int, top_p: float, seed: int, draft: Path | None, lookup: bool, draft_tokens: int,
+          device: str | None, workdir: str | None, ssh_config: Path | None, install: bool,
+          device_python: str | None, connect_timeout: int, pip_args: tuple[str, ...]) -> None:
     """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
 
     Each row runs in its own process with the same thread count and prompt; figures are medians
@@ -532,11 +537,14 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     every bundle gets another row decoding speculatively with that draft (with prompt lookup). With
     --device the bundles are deployed (as `edgelm deploy` does) and timed on that device instead.
     """
-    from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row
+    from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row, sampling_label
     from edgelm.runtime.engine import LOOKUP_NGRAM
 
     to_stdout = json_out is not None and str(json_out) == "-"
     n_lookup = LOOKUP_NGRAM if lookup else 0
+    if not temperature and (top_k or top_p < 1.0):
+        raise click.UsageError("--top-k and --top-p shape sampling: give --temperature too (0 is greedy)")
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed} if temperature else None
     if device is not None:
         if not bundles:
             raise click.UsageError("give at least one bundle to run on the device")
@@ -552,7 +560,7 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
                                            device_python=device_python, connect_timeout=connect_timeout,
                                            threads=threads, runs=runs, warmup=warmup, new_tokens=new_tokens,
                                            prompt=prompt, json_out=None, pip_args=pip_args, draft=draft,
-                                           draft_tokens=draft_tokens, lookup=n_lookup)
+                                           draft_tokens=draft_tokens, lookup=n_lookup, sampling=sampling)
             from edgelm.deploy.remote_bench import device_report
 
             click.echo(buf.getvalue(), err=True, nl=False)
@@ -561,13 +569,13 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
         run_device_bench(bundles, device, workdir=workdir, ssh_config=ssh_config, install=install,
                          device_python=device_python, connect_timeout=connect_timeout, threads=threads, runs=runs,
                          warmup=warmup, new_tokens=new_tokens, prompt=prompt, json_out=json_out, pip_args=pip_args,
-                         draft=draft, draft_tokens=draft_tokens, lookup=n_lookup)
+                         draft=draft, draft_tokens=draft_tokens, lookup=n_lookup, sampling=sampling)
         return
     if not bundles and not eager:
         raise click.UsageError("give at least one bundle, or --eager")
     threads = threads or 2
     common = {"prompt": prompt or DEFAULT_PROMPT, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-              "threads": threads}
+              "threads": threads, "sampling": sampling}
     rows = [{"kind": "eager", "source": source, **common}] if eager else []
     for b in bundles:
         variants = [{}, {"small_pages": True}] if small_pages else [{}]
@@ -591,7 +599,7 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     click.echo(f"machine: {info.get('cpu', '?')}, {info['cores']} cores, {threads} threads per row, "
                f"huge pages {info.get('huge_pages', '?')}; "
                f"{new_tokens} new tokens, median of {runs} runs after {warmup} warm-up")
-    click.echo(format_table(results, baseline="pytorch eager fp32" if eager else None))
+    click.echo(format_table(results, baseline="pytorch eager fp32" + sampling_label(sampling) if eager else None))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_out}", err=True)

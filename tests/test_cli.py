@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from edgelm.bench import DEFAULT_PROMPT
 from edgelm.runtime.hugepages import huge_pages_env
 
 
@@ -246,6 +247,22 @@ def test_bench_prints_json_and_rejects_bad_combinations(tiny_pte):
         assert report["machine"]["huge_pages"].startswith("on"), report["machine"]
     assert_clean_error(edgelm("bench"), "give at least one bundle")
     assert_clean_error(edgelm("bench", tiny_pte, "--eager", "--device", "local"), "run on this machine only")
+
+
+def test_bench_samples_when_asked(tiny_pte):
+    from edgelm.runtime import Engine
+    from edgelm.sampling import SamplingConfig
+
+    proc = edgelm("bench", tiny_pte, "--temperature", "1.0", "--top-p", "0.9", "--seed", "3", "--runs", "1",
+                  "--warmup", "0", "-n", "8", "--threads", "1", "--json", "-", check=True)
+    [row] = json.loads(proc.stdout)["rows"]
+    assert row["name"].endswith(", sampled (temperature 1, top-p 0.9)")
+    engine = Engine.load(tiny_pte, threads=1)
+    ids = engine.encode_prompt(DEFAULT_PROMPT, chat=True)
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, seed=3)
+    assert row["tokens"] == list(engine.generate_ids(ids, max_new_tokens=8, sampling=cfg, ignore_eos=True))
+    assert row["tokens"] != list(engine.generate_ids(ids, max_new_tokens=8, ignore_eos=True))
+    assert_clean_error(edgelm("bench", tiny_pte, "--top-p", "0.9"), "give --temperature too")
 
 
 def test_bench_small_pages_rows(tiny_pte):

@@ -451,3 +451,22 @@ def test_device_bench_with_a_draft(deployed, sshd, tiny_pte):
                              install=False, new_tokens=24, runs=1, warmup=0, threads=1, lookup=3)
     assert result["name"] == "edgelm pte fp32 + prompt lookup (speculative, up to 5 tokens)"
     assert result["greedy_tokens"] == list(host.generate_ids(ids, max_new_tokens=24, ignore_eos=True))
+
+
+def test_device_bench_samples_when_asked(deployed, sshd, tiny_pte):
+    """With sampling settings the device samples as the host would with the same seed."""
+    from edgelm.bench import DEFAULT_PROMPT
+    from edgelm.deploy.remote_bench import bench_on_device
+    from edgelm.runtime import Engine
+    from edgelm.sampling import SamplingConfig
+
+    _, workdir, _ = deployed
+    sampling = {"temperature": 1.0, "top_k": 20, "top_p": 1.0, "seed": 5}
+    result = bench_on_device(tiny_pte, "dev", workdir=str(workdir), ssh_config=sshd.config, python=sys.executable,
+                             install=False, new_tokens=8, runs=1, warmup=0, threads=1, sampling=sampling)
+    assert result["name"] == "edgelm pte fp32, sampled (temperature 1, top-k 20)"
+    assert "greedy_tokens" not in result
+    host = Engine.load(tiny_pte, threads=1)
+    ids = host.encode_prompt(DEFAULT_PROMPT, chat=bool(host.manifest.chat_template))
+    assert result["tokens"] == list(host.generate_ids(ids, max_new_tokens=8, ignore_eos=True,
+                                                      sampling=SamplingConfig(**sampling)))

@@ -89,7 +89,8 @@ def run_device_bench(bundles: tuple[Path, ...], device: str, *, workdir: str | N
                      install: bool, device_python: str | None, connect_timeout: int, threads: int | None,
                      runs: int, warmup: int, new_tokens: int, prompt: str | None, json_out: Path | None,
                      pip_args: tuple[str, ...] = (), draft: Path | None = None,
-                     draft_tokens: int = 5, lookup: int = 0) -> list[dict[str, Any]]:
+                     draft_tokens: int = 5, lookup: int = 0,
+                     sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """``edgelm bench BUNDLE... --device URL``: deploy each bundle, time it there, print a table.
     With ``draft`` (``lookup``) every bundle gets a second row decoding speculatively with it
     (with prompt lookup)."""
@@ -116,7 +117,7 @@ def run_device_bench(bundles: tuple[Path, ...], device: str, *, workdir: str | N
             results.append(bench_on_device(b, device, workdir=workdir, install=install, python=device_python,
                                            prompt=prompt, new_tokens=new_tokens, runs=runs, warmup=warmup,
                                            threads=threads, pip_args=pip_args, progress=_echo_err, transport=t,
-                                           draft_tokens=draft_tokens, **v))
+                                           draft_tokens=draft_tokens, sampling=sampling, **v))
     first = results[0]
     click.echo(f"device: {describe_device(first['device'], first.get('threads'))}; {new_tokens} new tokens, "
                f"median (p10–p90) of {runs} runs after {warmup} warm-up")

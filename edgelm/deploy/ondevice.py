@@ -6,7 +6,7 @@ Commands (one JSON object as the argument, one JSON line on stdout):
   temperature, memory, package versions, ``uname -m``) and whether this is an emulated board;
 - ``check {"bundle"}``: open the bundle as the engine does (checksums, schema, backend import);
 - ``generate {"bundle", "prompt" | "ids", "max_new_tokens", "chat", "threads"}``: greedy token ids;
-- ``bench {"bundle", "prompt", "new_tokens", "runs", "warmup", "threads", "chat"}``: TTFT,
+- ``bench {"bundle", "prompt", "new_tokens", "runs", "warmup", "threads", "chat", "sampling"}``: TTFT,
   prefill and decode tokens/s over ``runs`` timed generations after ``warmup``, each summarised
   as median, p10, p90, min and max, plus peak RSS, bundle size and :func:`device_info`.
 
@@ -236,14 +236,16 @@ def cmd_generate(args: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
     """Like :func:`edgelm.bench.bench_bundle`, with p10/p90 and the device's facts."""
-    from edgelm.bench import DEFAULT_PROMPT, row_name_and_size
+    from edgelm.bench import DEFAULT_PROMPT, row_name_and_size, sampling_label
     from edgelm.runtime import Engine
+    from edgelm.sampling import SamplingConfig
 
     runs, warmup = int(args.get("runs", 5)), int(args.get("warmup", 1))
     new_tokens, threads = int(args.get("new_tokens", 64)), args.get("threads")
     before = temperatures()
     t = time.perf_counter()
     draft_tokens = int(args.get("draft_tokens", 5))
+    sampling = args.get("sampling") or None
     engine = Engine.load(args["bundle"], threads=threads, draft=args.get("draft"), draft_tokens=draft_tokens,
                          lookup=int(args.get("lookup", 0)))
     load_s = time.perf_counter() - t
@@ -256,7 +258,8 @@ def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter()
     for i in range(warmup + runs):
         engine.reset()  # every run prefills the whole prompt
-        toks = list(engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True))
+        toks = list(engine.generate_ids(ids, max_new_tokens=new_tokens, ignore_eos=True,
+                                        sampling=SamplingConfig(**sampling) if sampling else None))
         if i == 0:
             first_tokens = toks
         if i >= warmup:
@@ -266,6 +269,7 @@ def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - wall
     m = engine.manifest
     name, size = row_name_and_size(engine)
+    name += sampling_label(sampling)
     bundle_mb = sum(f["size"] for e in (engine, engine.draft) if e is not None for f in e.manifest.files.values()) / 1e6
     info = device_info()
     result = {
@@ -275,7 +279,8 @@ def cmd_bench(args: dict[str, Any]) -> dict[str, Any]:
         **{k: summarize(v) for k, v in samples.items()}, "samples": samples,
         "peak_rss_mb": peak_rss_mb(), "size_mb": size / 1e6,
         "bundle_mb": bundle_mb,
-        "greedy_tokens": first_tokens, "temperature_before_c": before, "device": info,
+        **({"sampling": sampling, "tokens": first_tokens} if sampling else {"greedy_tokens": first_tokens}),
+        "temperature_before_c": before, "device": info,
         "emulated": info["emulated"],
     }
     if info["emulated"]:

@@ -32,9 +32,10 @@ def bench_on_device(bundle: str | Path, url: str, *, workdir: str | None = None,
                     chat: bool = True, connect_timeout: float = 10, timeout: float | None = 3600,
                     pip_args: Sequence[str] = (), progress: Progress | None = None,
                     transport: Transport | None = None, draft: str | Path | None = None,
-                    draft_tokens: int = 5, lookup: int = 0) -> dict[str, Any]:
+                    draft_tokens: int = 5, lookup: int = 0, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
     """Deploy ``bundle`` to ``url`` (unchanged files are skipped) and benchmark it there
-    (speculatively, with ``draft`` deployed beside it or with prompt lookup, when given)."""
+    (speculatively, with ``draft`` deployed beside it or with prompt lookup, when given; sampling
+    with ``sampling``'s :class:`~edgelm.sampling.SamplingConfig` fields instead of greedy)."""
     t = transport or open_transport(url, ssh_config=ssh_config, connect_timeout=connect_timeout)
     d = deploy(bundle, url, workdir, install, python=python, pip_args=pip_args, progress=progress, transport=t)
     layout = Layout(d.workdir)
@@ -47,6 +48,8 @@ def bench_on_device(bundle: str | Path, url: str, *, workdir: str | None = None,
         args.update(lookup=lookup, draft_tokens=draft_tokens)
     if prompt:
         args["prompt"] = prompt
+    if sampling:
+        args["sampling"] = sampling
     if progress:
         progress(f"benchmarking on {t}: {warmup} warm-up + {runs} runs of {new_tokens} tokens")
     t0 = time.perf_counter()
