@@ -191,9 +191,13 @@ def test_missing_runtime_names_the_extra(monkeypatch):
         interpreter_class()
 
 
-def test_prefix_reuse(tiny_tflite):
+@pytest.mark.parametrize("io_mode", ["tensors", "runner"])
+def test_prefix_reuse(tiny_tflite, io_mode, monkeypatch):
     """The next prompt runs only the tokens the cache does not hold (from any position: a prefill
     signature brings its own cache inputs up to date), with a fresh engine's output."""
+    from edgelm.runtime.backends.litert import IO_ENV
+
     from .test_chat import check_prefix_reuse
 
+    monkeypatch.setenv(IO_ENV, io_mode)
     check_prefix_reuse(tiny_tflite)
