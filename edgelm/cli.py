@@ -422,6 +422,7 @@ def chat(bundle: Path, **opts: Any) -> None:
     engine, sampling = _open_engine(bundle, opts)
     conversation = engine.chat(system=opts["system"], template_vars=opts["template_vars"])
     interactive = sys.stdin.isatty()
+    conversation.warm()  # the system message runs now, not when the first message comes
     if interactive:
         click.echo(f"edgelm chat: {engine.root} ({engine.manifest.format}/{engine.manifest.scheme}). "
                    "/reset starts over, /exit or Ctrl-D leaves.", err=True)
@@ -433,6 +434,7 @@ def chat(bundle: Path, **opts: Any) -> None:
             break
         if text.strip() == "/reset":
             conversation.reset()
+            conversation.warm()
             click.echo("(a new conversation)", err=True)
             continue
         dropped = conversation.dropped_turns

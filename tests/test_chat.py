@@ -122,6 +122,18 @@ def test_chat_turns_reuse_the_conversation_and_answer_as_a_fresh_engine(tiny_pte
     assert chat.messages == [] and chat.ask("hi there", max_new_tokens=6) == a1
 
 
+def test_warming_runs_the_system_message_before_the_first_message(tiny_pte, pte_draft):  # noqa: F811
+    engine = Engine.load(tiny_pte, threads=1, draft=pte_draft)
+    chat = engine.chat(system="You answer in one short sentence, always.")
+    ran = chat.warm()
+    assert ran > 30 and chat.warm() == 0  # the second time the cache holds it all
+    assert engine.draft.backend.tokens == engine.backend.tokens  # the draft was warmed too
+    answer = chat.ask("hi", max_new_tokens=6)
+    assert engine.last_stats.reused_tokens == ran
+    assert answer == Engine.load(tiny_pte, threads=1).chat(system=chat.system).ask("hi", max_new_tokens=6)
+    assert Chat(engine).warm() == 0  # nothing to run without a system message or turns
+
+
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_pte):
     engine = Engine.load(tiny_pte, threads=1)  # 128 tokens; the tokenizer is byte-level
     chat = Chat(engine)

@@ -19,7 +19,7 @@ from edgelm.runtime.backends import Backend, open_backend
 from edgelm.runtime.chat import Chat
 from edgelm.runtime.drafting import LookupDrafter, ModelDrafter
 from edgelm.runtime.hugepages import TUNABLE, huge_pages_env
-from edgelm.runtime.prefix import RecordedBackend
+from edgelm.runtime.prefix import RecordedBackend, common_prefix
 from edgelm.sampling import Sampler, SamplingConfig
 from edgelm.tokenizer import Message, Tokenizer
 
@@ -178,6 +178,18 @@ class Engine:
     def speculative(self) -> bool:
         """Whether tokens come from speculative decoding (a draft bundle or prompt lookup)."""
         return self._drafter is not None
+
+    def warm(self, prompt_ids: Sequence[int]) -> int:
+        """Run ``prompt_ids`` into the KV cache now (the draft bundle's too), so that a later prompt
+        starting with them (a long system prompt, a document to ask about) runs only what follows:
+        an app can do it at start-up, before the user types. Returns how many tokens ran."""
+        ids = list(prompt_ids)[:self.max_context]
+        start = common_prefix(self.backend.tokens, ids)
+        if start < len(ids):
+            self._prefill(ids, start)
+        if self.draft is not None:
+            self.draft.warm(ids)
+        return len(ids) - start
 
     def reset(self) -> None:
         """Forget what the KV cache holds (the draft bundle's too): the next generation runs its
