@@ -386,13 +386,21 @@ def _messages(interactive: bool) -> Iterator[str]:
         except ImportError:  # a Python built without it (some device builds): plain input()
             pass
     pending: list[str] = []
+    interrupted = False
     while True:
         if interactive:
             try:
                 line: str | None = input("... " if pending else "> ")
+                interrupted = False
             except EOFError:
                 click.echo()
                 line = None
+            except KeyboardInterrupt:  # Ctrl-C drops the line being typed; twice in a row leaves
+                if interrupted:
+                    raise
+                interrupted, pending = True, []
+                click.echo("\n(Ctrl-C again, Ctrl-D or /exit leaves)", err=True)
+                continue
         else:
             raw = sys.stdin.readline()
             line = raw.rstrip("\n") if raw else None
@@ -415,7 +423,8 @@ def chat(bundle: Path, **opts: Any) -> None:
 
     The conversation stays in the KV cache, so a turn runs only its new tokens. End a line
     with a backslash to go on on the next one. /reset starts over; /exit or Ctrl-D leaves;
-    Ctrl-C stops an answer. Reads stdin line by line when it is not a terminal.
+    Ctrl-C stops an answer, or drops the line being typed (twice in a row: leaves). Reads stdin
+    line by line when it is not a terminal.
     """
     from edgelm.errors import ContextOverflowError
 

@@ -182,17 +182,17 @@ def test_chat_command(tiny_pte):
 
 
 def test_chat_command_on_a_terminal(tiny_pte):
-    """On a terminal: a banner, a prompt for each message, Ctrl-D leaves with exit code 0."""
+    """On a terminal (its controlling one, so Ctrl-C is a signal): a banner, a prompt for each
+    message, Ctrl-C drops a half-typed line, Ctrl-D leaves with exit code 0."""
     import os
     import pty
     import select
     import time
 
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "chat", str(tiny_pte), "-n", "5"], stdin=slave,
-                            stdout=slave, stderr=slave, close_fds=True)
-    os.close(slave)
-    seen = b""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        os.execv(sys.executable, [sys.executable, "-m", "edgelm.cli", "chat", str(tiny_pte), "-n", "5"])
+    seen, status = b"", None
 
     def read_until(count: int) -> None:
         nonlocal seen
@@ -206,9 +206,18 @@ def test_chat_command_on_a_terminal(tiny_pte):
         read_until(1)
         os.write(master, b"hello\n")
         read_until(2)  # the answer streamed and the next prompt came
+        os.write(master, b"half a line\x03")  # Ctrl-C drops it and prompts again
+        read_until(3)
         os.write(master, b"\x04")  # Ctrl-D
-        assert proc.wait(timeout=120) == 0, seen
+        end = time.monotonic() + 120
+        while status is None and time.monotonic() < end:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(code) if done else None
+            time.sleep(0.2)
+        assert status == 0, seen
     finally:
-        proc.kill()
+        if status is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
         os.close(master)
-    assert b"edgelm chat:" in seen and b"/exit" in seen
+    assert b"edgelm chat:" in seen and b"Ctrl-C again" in seen
