@@ -60,14 +60,16 @@ def bench_eager(source: str | None = None, prompt: str = DEFAULT_PROMPT, new_tok
         how = {"do_sample": True, "temperature": sampling["temperature"], "top_k": sampling.get("top_k", 0),
                "top_p": sampling.get("top_p", 1.0), "repetition_penalty": sampling.get("repetition_penalty", 1.0)}
     samples: dict[str, list[float]] = {"ttft_s": [], "prefill_tps": [], "decode_tps": []}
+    tokens: list[int] = []
     for i in range(warmup + runs):
         stamps = _Stamps()
         if sampling and sampling.get("seed") is not None:
             torch.manual_seed(sampling["seed"])
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, streamer=stamps, pad_token_id=0, **how)
+            out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, streamer=stamps, pad_token_id=0, **how)
+        tokens = tokens or out[0, inp.shape[1]:].tolist()
         # stamps[0] is the prompt being put, stamps[1] the first new token, then one per token
         first, last = stamps.times[1], stamps.times[-1]
         if i >= warmup:
@@ -75,6 +77,6 @@ def bench_eager(source: str | None = None, prompt: str = DEFAULT_PROMPT, new_tok
             samples["prefill_tps"].append(inp.shape[1] / (first - t0))
             samples["decode_tps"].append((len(stamps.times) - 2) / (last - first))
     return {"name": "pytorch eager fp32" + sampling_label(sampling), "kind": "eager", "source": source or "embedded",
-            "threads": threads,
-            "prompt_tokens": inp.shape[1], "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-            **{k: _summary(v) for k, v in samples.items()}, "peak_rss_mb": peak_rss_mb(), "size_mb": None}
+            "threads": threads, "prompt_tokens": inp.shape[1], "new_tokens": new_tokens, "runs": runs,
+            "warmup": warmup, **{k: _summary(v) for k, v in samples.items()}, "peak_rss_mb": peak_rss_mb(),
+            "size_mb": None, "tokens": tokens}

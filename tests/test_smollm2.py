@@ -98,6 +98,21 @@ def test_chat_turns_match_transformers(smollm2_pte, hf_smollm2):
     assert second == engine.tokenizer.decode(want)
 
 
+def test_eager_baseline_samples_when_asked():
+    """`edgelm bench --eager --temperature ...`: the eager row samples with transformers' warpers
+    (seeded, so twice the same), and greedy is greedy."""
+    from edgelm.converters.baseline import bench_eager
+
+    kw = {"new_tokens": 12, "runs": 1, "warmup": 0, "threads": 2}
+    sampling = {"temperature": 1.0, "top_k": 0, "top_p": 0.95, "seed": 3}
+    greedy = bench_eager(**kw)
+    sampled = [bench_eager(**kw, sampling=sampling) for _ in range(2)]
+    assert greedy["name"] == "pytorch eager fp32"
+    assert sampled[0]["name"] == "pytorch eager fp32, sampled (temperature 1, top-p 0.95)"
+    assert sampled[0]["tokens"] == sampled[1]["tokens"] != greedy["tokens"]
+    assert len(greedy["tokens"]) == 12 and sampled[0]["decode_tps"]["median"] > 0
+
+
 def test_pte_bundle_stores_tied_embedding_once(smollm2_pte, smollm2_source):
     cfg = smollm2_source.config
     assert cfg.tie_embeddings
