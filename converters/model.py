@@ -1,5 +1,5 @@
-"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 3
-and GPT-2.
+"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 2/3,
+GPT-2 and StableLM.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
@@ -7,7 +7,9 @@ models stay plain models) and a static KV cache of ``max_context`` positions. Th
 families change a few parts, and :class:`edgelm.config.ModelConfig` says which: Qwen3 adds an
 RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention and MLP
 outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
-position embedding and a GELU MLP.
+position embedding and a GELU MLP; StableLM is a Llama with LayerNorm. Families that differ from
+one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the weights
+by :func:`state_dict_from_hf`.
 
 The cache has two modes on the same weights:
 
@@ -513,7 +515,8 @@ class Decoder(nn.Module):
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
                        hf_config: object | None = None) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Gemma 2/Gemma 3 (or GPT-2) state dict to the
-    canonical names. Gemma needs its ``hf_config`` (the query scale folds into the weights)."""
+    canonical names, folding what the canonical decoder does not compute into the weights (Gemma's and
+    Granite's scales, interleaved RoPE), so Gemma and Granite need their ``hf_config``."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
     names = {
@@ -550,9 +553,51 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
             # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
     if cfg.arch in ("gemma2", "gemma3"):
         _fold_gemma(out, cfg, hf_config)
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "granite":
+        _fold_granite(out, cfg, hf_config)
+    if model_type in INTERLEAVED_ROPE:
+        _deinterleave_rope(out, cfg)
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out
+
+
+#: ``model_type``s whose rotary embedding rotates adjacent pairs (2j, 2j+1) of a head, not (j, j + d/2)
+INTERLEAVED_ROPE = ("helium", "ernie4_5", "glm")
+
+
+def _deinterleave_rope(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Reorder the query and key rows of each head so that interleaved pairs land where the canonical
+    (split-half) rotary embedding expects them: rotated dimension 2j goes to j, 2j+1 to j + r/2. Queries
+    and keys move alike, so their dot products, and the model, are unchanged."""
+    r = cfg.rotary_dim or cfg.head_dim
+    within = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, cfg.head_dim)])
+    for i in range(cfg.n_layers):
+        for name, heads in (("wq", cfg.n_heads[i]), ("wk", cfg.n_kv_heads[i])):
+            rows = (torch.arange(heads)[:, None] * cfg.head_dim + within).reshape(-1)
+            for param in ("weight", "bias"):
+                key = f"layers.{i}.attn.{name}.{param}"
+                if key in sd:
+                    sd[key] = sd[key][rows].clone()
+
+
+def _fold_granite(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object) -> None:
+    """Granite scales the embedding, the attention scores, each block's output and the logits by
+    constants of its config: each goes into a weight. The scores' ``attention_multiplier`` replaces
+    ``head_dim ** -0.5`` (into the query projection; RoPE is linear), the logits' ``1 / logits_scaling``
+    goes into the final norm (and so does ``1 / embedding_multiplier`` when the LM head is the scaled
+    embedding)."""
+    emb, res = float(hf_config.embedding_multiplier), float(hf_config.residual_multiplier)
+    q_scale = float(hf_config.attention_multiplier) * math.sqrt(cfg.head_dim)
+    norm_scale = 1.0 / float(hf_config.logits_scaling) / (emb if cfg.tie_embeddings else 1.0)
+    sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"] * emb
+    sd["norm.weight"] = sd["norm.weight"] * norm_scale
+    for key in list(sd):
+        if key.endswith(("attn.wq.weight", "attn.wq.bias")):
+            sd[key] = sd[key] * q_scale
+        elif key.endswith(("attn.wo.weight", "attn.wo.bias", "mlp.w_down.weight", "mlp.w_down.bias")):
+            sd[key] = sd[key] * res
 
 
 def _fold_gemma(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object | None) -> None:

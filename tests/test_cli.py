@@ -104,6 +104,22 @@ def _random_causal_lm(arch: str):
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, no_rope_layer_interval=2, tie_word_embeddings=True,
             pad_token_id=0, bos_token_id=256, eos_token_id=256))
+    if arch == "granite":  # scaled embedding, scores, block outputs and logits (Granite 3's multipliers)
+        return transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, embedding_multiplier=12.0, attention_multiplier=0.02,
+            residual_multiplier=0.22, logits_scaling=8.0, tie_word_embeddings=True, pad_token_id=0,
+            bos_token_id=256, eos_token_id=256))
+    if arch == "glm":  # as GLM-Edge: interleaved RoPE on half of each head, q/k/v biases, fused gate_up_proj
+        return transformers.GlmForCausalLM(transformers.GlmConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=256,
+            eos_token_id=256))
+    if arch == "stablelm":  # as StableLM 2: LayerNorm, RoPE on a quarter of each head, q/k/v biases
+        return transformers.StableLmForCausalLM(transformers.StableLmConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, partial_rotary_factor=0.25, use_qkv_bias=True,
+            pad_token_id=0, bos_token_id=256, eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -117,13 +133,15 @@ def _random_causal_lm(arch: str):
         bos_token_id=256, eos_token_id=256))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3", "granite", "glm",
+                                  "stablelm"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
     the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
-    and logits) and SmolLM3 (layers without RoPE) from transformers folders: every format's bundle
-    generates transformers' own greedy tokens."""
+    and logits), SmolLM3 (layers without RoPE), Granite (multipliers), GLM-Edge's shape (interleaved
+    partial RoPE) and StableLM 2's (LayerNorm, partial RoPE) from transformers folders: every format's
+    bundle generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -145,13 +163,16 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
     shown = {"phi3": "llama: 2 layers, dim 64, vocab 260, 0.1 M parameters; longrope RoPE scaling; "
                      "RoPE on 12 of 16 head dims\n",
              "gemma2": "parameters; soft caps: attention 5.0, logits 8.0\n",
-             "smollm3": "parameters; no RoPE in 1 of 2 layers\n"}.get(arch, "parameters\n")
+             "smollm3": "parameters; no RoPE in 1 of 2 layers\n",
+             "glm": "parameters; RoPE on 8 of 16 head dims\n",
+             "stablelm": "parameters; RoPE on 4 of 16 head dims\n"}.get(arch, "parameters\n")
     assert shown in edgelm("inspect", out / "onnx", check=True).stdout
     prompt = "The lighthouse keeper"
     for fmt in ("pte", "onnx", "tflite"):
         engine = Engine.load(out / fmt, threads=2)
         parity = engine.manifest.verification["parity"]
-        assert engine.manifest.model.arch == ("llama" if arch in ("phi3", "smollm3") else arch) and parity["passed"]
+        llama = ("phi3", "smollm3", "granite", "glm")  # stablelm is its own
+        assert engine.manifest.model.arch == ("llama" if arch in llama else arch) and parity["passed"]
         assert parity["max_abs_err"] < 1e-4, (fmt, parity)  # GPT-2's tanh GELU is that GELU in XNNPACK too
         ids = engine.encode_prompt(prompt)
         got = list(engine.generate_ids(ids, max_new_tokens=24))

@@ -23,17 +23,16 @@ def _random_hf(cls_model, hf_cfg):
 def _hf_pair(model_type: str, **kw):
     import transformers
 
-    cls_cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
-               "phi3": transformers.Phi3Config, "smollm3": transformers.SmolLM3Config}[model_type]
-    cls_model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "phi3": transformers.Phi3ForCausalLM, "smollm3": transformers.SmolLM3ForCausalLM}[model_type]
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
+             "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
+             "stablelm": "StableLm"}
+    cls_cfg = getattr(transformers, names[model_type] + "Config")
+    cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
     hf = _random_hf(cls_model, cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                        **kw))
     cfg = config_from_hf(hf.config, max_context=64)
-    return hf, build_decoder(cfg, state_dict_from_hf(hf.state_dict(), cfg))
+    return hf, build_decoder(cfg, state_dict_from_hf(hf.state_dict(), cfg, hf.config))
 
 
 def _assert_logits_match(hf, model, n_tokens: int) -> None:
@@ -60,6 +59,18 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     ("mistral", {"sliding_window": None}),
     ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),  # per-head q/k RMSNorm; heads wider than dim/H
     ("phi3", {"pad_token_id": 0, "eos_token_id": 1}),  # fused qkv_proj and gate_up_proj
+    # Granite's multipliers, away from 1, folded into the weights; tied and untied LM heads
+    ("granite", {"embedding_multiplier": 12.0, "attention_multiplier": 0.02, "residual_multiplier": 0.22,
+                 "logits_scaling": 8.0, "tie_word_embeddings": True}),
+    ("granite", {"embedding_multiplier": 3.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
+                 "logits_scaling": 2.0, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True}),
+    # interleaved RoPE pairs, reordered into split halves: over the whole head (Helium, ERNIE 4.5) or its
+    # first half (GLM), with GLM's q/k/v biases and fused gate_up_proj, ERNIE's biases on every linear
+    ("helium", {"head_dim": 16, "attention_bias": True}),
+    ("ernie4_5", {"head_dim": 16, "use_bias": True}),
+    ("glm", {"head_dim": 16, "attention_bias": True, "pad_token_id": 0, "eos_token_id": 1}),
+    # StableLM 2: LayerNorm (with bias) in a Llama, RoPE on a quarter of each head, q/k/v biases
+    ("stablelm", {"partial_rotary_factor": 0.25, "use_qkv_bias": True}),
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
@@ -138,6 +149,25 @@ def test_sliding_window_attention_matches_transformers_past_the_window():
     assert model.cfg.sliding_window is None  # max_window_layers=3 of 3: no layer slides
     hf, model = _hf_pair("mistral", sliding_window=64)
     assert "sliding_window" not in model.cfg.to_dict()  # a window as long as the context changes nothing
+
+
+def test_unsupported_variants_are_a_clear_source_error():
+    """A Llama-shaped config with another activation (a fine-tune's, or a family that reuses the names)
+    would convert to a SwiGLU model that is silently wrong; so would StableLM's parallel blocks."""
+    import transformers
+
+    from edgelm.errors import SourceError
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=256, hidden_act="gelu")
+    with pytest.raises(SourceError, match="llama MLP activation 'gelu' is not supported yet"):
+        config_from_hf(hf_cfg, max_context=64)
+    hf_cfg.hidden_act = "silu"
+    assert config_from_hf(hf_cfg, max_context=64).arch == "llama"
+    stablelm = transformers.StableLmConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                           num_attention_heads=4, use_parallel_residual=True)
+    with pytest.raises(SourceError, match="stablelm with use_parallel_residual is not supported yet"):
+        config_from_hf(stablelm, max_context=64)
 
 
 def test_unsupported_rope_scaling_is_a_clear_source_error():
