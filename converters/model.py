@@ -1,5 +1,5 @@
 """The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 2/3,
-GPT-2 and StableLM.
+GPT-2, OPT and StableLM.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
@@ -7,7 +7,7 @@ models stay plain models) and a static KV cache of ``max_context`` positions. Th
 families change a few parts, and :class:`edgelm.config.ModelConfig` says which: Qwen3 adds an
 RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention and MLP
 outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
-position embedding and a GELU MLP; StableLM is a Llama with LayerNorm. Families that differ from
+position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm. Families that differ from
 one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the weights
 by :func:`state_dict_from_hf`.
 
@@ -336,7 +336,7 @@ class MLP(nn.Module):
         super().__init__()
         p = f"layers.{layer}.mlp."
         self.gated = cfg.gated_mlp
-        self.act = F.silu if cfg.mlp_activation == "silu" else gelu_tanh
+        self.act = {"silu": F.silu, "gelu_tanh": gelu_tanh, "relu": F.relu}[cfg.mlp_activation]
         if self.gated:
             self.w_gate = make_linear(cfg, p + "w_gate", cfg.mlp_bias)
         self.w_up = make_linear(cfg, p + "w_up", cfg.mlp_bias)
@@ -519,6 +519,8 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
     Granite's scales, interleaved RoPE), so Gemma and Granite need their ``hf_config``."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
+    if cfg.arch == "opt":
+        return _state_dict_from_opt(sd, cfg)
     names = {
         "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
         "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
@@ -643,6 +645,32 @@ def _state_dict_from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
                     out[p + f"attn.{name}.{param}"] = part.T.contiguous() if param == "weight" else part.clone()
             elif mod in conv:
                 out[p + f"{conv[mod]}.{param}"] = value.T.contiguous() if param == "weight" else value
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def _state_dict_from_opt(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """OPT's names. Its position table starts 2 rows in (``OPTLearnedPositionalEmbedding.offset``)."""
+    names = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
+             "self_attn.out_proj": "attn.wo", "fc1": "mlp.w_up", "fc2": "mlp.w_down",
+             "self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        k = key.removeprefix("model.decoder.")
+        if k == "embed_tokens.weight":
+            out["tok_embeddings.weight"] = value
+        elif k == "embed_positions.weight":
+            out["pos_embeddings.weight"] = value[2:]
+        elif k.startswith("final_layer_norm."):
+            out["norm." + k.split(".", 1)[1]] = value
+        elif key == "lm_head.weight":
+            out["output.weight"] = value
+        elif k.startswith("layers."):
+            _, idx, rest = k.split(".", 2)
+            mod, param = rest.rsplit(".", 1)
+            if mod in names:
+                out[f"layers.{idx}.{names[mod]}.{param}"] = value
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out

@@ -31,6 +31,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "stablelm": "stablelm",
+             "opt": "opt",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
@@ -90,6 +91,8 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         )
     if arch == "gpt2":
         return _config_from_gpt2(hf, max_context)
+    if arch == "opt":
+        return _config_from_opt(hf, max_context)
     if arch in ("gemma2", "gemma3"):
         return _config_from_gemma(hf, max_context, arch)
     for flag in ("use_parallel_residual", "qk_layernorm"):  # StableLM's variants
@@ -194,6 +197,40 @@ def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
         o_bias=True,
         mlp_bias=True,
         max_context=_context(hf.n_positions, max_context),
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=_eos_ids(hf),
+    )
+
+
+def _config_from_opt(hf: Any, max_context: int | None) -> ModelConfig:
+    """OPT: GPT-2's shape (learned positions, LayerNorm, an ungated MLP) with ReLU and separate q/k/v."""
+    unsupported = {
+        "post-LayerNorm blocks (do_layer_norm_before=False, OPT-350m)": not hf.do_layer_norm_before,
+        "an embedding narrower than the model (word_embed_proj_dim)": hf.word_embed_proj_dim != hf.hidden_size,
+        "LayerNorms without weights": not getattr(hf, "layer_norm_elementwise_affine", True),
+        "no final LayerNorm": getattr(hf, "_remove_final_layer_norm", False),
+        f"activation {hf.activation_function!r} (edgelm computes relu)": hf.activation_function != "relu",
+    }
+    for what, present in unsupported.items():
+        if present:
+            raise SourceError(f"OPT with {what} is not supported yet")
+    dim, n_heads = hf.hidden_size, hf.num_attention_heads
+    bias = bool(getattr(hf, "enable_bias", True))
+    return ModelConfig(
+        arch="opt",
+        vocab_size=hf.vocab_size,
+        dim=dim,
+        n_layers=hf.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        ffn_dim=hf.ffn_dim,
+        head_dim=dim // n_heads,
+        norm_eps=1e-5,  # nn.LayerNorm's default, which OPT keeps
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        max_context=_context(hf.max_position_embeddings, max_context),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf),
     )

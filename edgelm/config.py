@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt")
 
 
 @dataclass
@@ -110,18 +110,19 @@ class ModelConfig:
 
     @property
     def learned_positions(self) -> bool:
-        """A learned position embedding added to the token embedding (GPT-2), not rotary embeddings."""
-        return self.arch == "gpt2"
+        """A learned position embedding added to the token embedding (GPT-2, OPT), not rotary embeddings."""
+        return self.arch in ("gpt2", "opt")
 
     @property
     def layer_norm(self) -> bool:
-        """LayerNorm with a bias (GPT-2; StableLM, otherwise a Llama) rather than RMSNorm."""
-        return self.arch in ("gpt2", "stablelm")
+        """LayerNorm with a bias (GPT-2, OPT; StableLM, otherwise a Llama) rather than RMSNorm."""
+        return self.arch in ("gpt2", "opt", "stablelm")
 
     @property
     def gated_mlp(self) -> bool:
-        """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's MLP is ``w_down(gelu(w_up x))``."""
-        return self.arch != "gpt2"
+        """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's MLP is ``w_down(gelu(w_up x))``, OPT's
+        ``w_down(relu(w_up x))``."""
+        return self.arch not in ("gpt2", "opt")
 
     @property
     def qk_norm(self) -> bool:
@@ -140,7 +141,9 @@ class ModelConfig:
 
     @property
     def mlp_activation(self) -> str:
-        """``silu`` (SwiGLU) or ``gelu_tanh`` (Gemma's GeGLU; GPT-2's ungated MLP)."""
+        """``silu`` (SwiGLU), ``gelu_tanh`` (Gemma's GeGLU; GPT-2's ungated MLP) or ``relu`` (OPT's)."""
+        if self.arch == "opt":
+            return "relu"
         return "gelu_tanh" if self.arch in ("gemma2", "gemma3", "gpt2") else "silu"
 
     def block_linears(self, layer: int) -> list[str]:

@@ -120,6 +120,10 @@ def _random_causal_lm(arch: str):
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, partial_rotary_factor=0.25, use_qkv_bias=True,
             pad_token_id=0, bos_token_id=256, eos_token_id=256))
+    if arch == "opt":  # GPT-2's shape with ReLU and a position table offset by 2
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=260, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=96, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=256, eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -134,14 +138,14 @@ def _random_causal_lm(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3", "granite", "glm",
-                                  "stablelm"])
+                                  "stablelm", "opt"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
     the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
     and logits), SmolLM3 (layers without RoPE), Granite (multipliers), GLM-Edge's shape (interleaved
-    partial RoPE) and StableLM 2's (LayerNorm, partial RoPE) from transformers folders: every format's
-    bundle generates transformers' own greedy tokens."""
+    partial RoPE), StableLM 2's (LayerNorm, partial RoPE) and OPT (ReLU, offset positions) from
+    transformers folders: every format's bundle generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer

@@ -316,6 +316,28 @@ def test_gpt2_context_and_unsupported_variants():
             _gpt2_pair(**kw)
 
 
+def test_opt_logits_match_transformers():
+    """OPT: GPT-2's shape with ReLU, separate q/k/v/out projections and a position table offset by 2."""
+    import transformers
+
+    from edgelm.errors import SourceError
+
+    kw = dict(vocab_size=300, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=96, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    hf = _random_hf(transformers.OPTForCausalLM, transformers.OPTConfig(**kw))
+    cfg = config_from_hf(hf.config, max_context=64)
+    assert (cfg.arch, cfg.layer_norm, cfg.learned_positions, cfg.gated_mlp, cfg.mlp_activation) == \
+        ("opt", True, True, False, "relu")
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters()) - (96 + 2 - 64) * 64  # positions kept
+    sd = state_dict_from_hf(hf.state_dict(), cfg, hf.config)
+    _assert_logits_match(hf, build_decoder(cfg, sd), 40)
+    _assert_stateful_decoding_matches(hf, cfg, sd)
+    for change, needle in (({"do_layer_norm_before": False}, "post-LayerNorm blocks"),
+                           ({"word_embed_proj_dim": 32}, "narrower"), ({"activation_function": "gelu"}, "'gelu'")):
+        with pytest.raises(SourceError, match=needle):
+            config_from_hf(transformers.OPTConfig(**{**kw, **change}), max_context=64)
+
+
 def _run_stateful(model, ids, chunks):
     outs, pos = [], 0
     with torch.no_grad():
