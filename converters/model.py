@@ -1,5 +1,5 @@
 """The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 2/3,
-GPT-2, OPT and StableLM.
+GPT-2, OPT, StableLM, Phi and GPT-NeoX.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
@@ -7,9 +7,10 @@ models stay plain models) and a static KV cache of ``max_context`` positions. Th
 families change a few parts, and :class:`edgelm.config.ModelConfig` says which: Qwen3 adds an
 RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention and MLP
 outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
-position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm. Families that differ from
-one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the weights
-by :func:`state_dict_from_hf`.
+position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm; Phi and
+GPT-NeoX run attention and a GELU MLP side by side on each block's input. Families that differ
+from one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the
+weights by :func:`state_dict_from_hf`.
 
 The cache has two modes on the same weights:
 
@@ -336,7 +337,7 @@ class MLP(nn.Module):
         super().__init__()
         p = f"layers.{layer}.mlp."
         self.gated = cfg.gated_mlp
-        self.act = {"silu": F.silu, "gelu_tanh": gelu_tanh, "relu": F.relu}[cfg.mlp_activation]
+        self.act = {"silu": F.silu, "gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu}[cfg.mlp_activation]
         if self.gated:
             self.w_gate = make_linear(cfg, p + "w_gate", cfg.mlp_bias)
         self.w_up = make_linear(cfg, p + "w_up", cfg.mlp_bias)
@@ -354,17 +355,26 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = make_norm(cfg, cfg.dim)
+        self.mlp_norm = nn.Identity() if cfg.shared_norm else make_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg, layer)
         # Gemma 3 also normalizes each branch's output before the residual add
         self.attn_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.mlp_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.local_rope = cfg.local_rope(layer)
+        self.parallel, self.shared_norm = cfg.parallel_residual, cfg.shared_norm
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
-        a, new_kv = self.attn(self.attn_norm(x), cos, sin, rot, pos, mask, start_pos, cache)
+        h = self.attn_norm(x)
+        a, new_kv = self.attn(h, cos, sin, rot, pos, mask, start_pos, cache)
+        return self.residual(x, h, a), new_kv
+
+    def residual(self, x: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input ``x``, the normed input ``h`` and the attention's output ``a``:
+        the MLP reads the attention's result, or (parallel) the block's input, through ``h`` if shared."""
+        if self.parallel:
+            return x + a + self.mlp(h if self.shared_norm else self.mlp_norm(x))
         x = x + self.attn_post_norm(a)
-        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x))), new_kv
+        return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
 
 
 def attention_mask(pos: torch.Tensor, t: int, window: int | None = None) -> torch.Tensor:
@@ -397,7 +407,7 @@ class Decoder(nn.Module):
         self.pos_embeddings = nn.Embedding(cfg.max_context, cfg.dim) if cfg.learned_positions else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.dim)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=cfg.output_bias)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if cfg.learned_positions:
@@ -521,11 +531,14 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         return _state_dict_from_gpt2(sd, cfg)
     if cfg.arch == "opt":
         return _state_dict_from_opt(sd, cfg)
+    if cfg.arch == "gpt_neox":
+        return _state_dict_from_gpt_neox(sd, cfg)
     names = {
         "self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
         "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
         "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
         "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
+        "self_attn.dense": "attn.wo", "mlp.fc1": "mlp.w_up", "mlp.fc2": "mlp.w_down",  # Phi
     }
     if cfg.sandwich_norm:  # Gemma: "post_attention" is the attention output's own norm
         names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
@@ -535,8 +548,8 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         k = key.removeprefix("model.")
         if k.startswith("embed_tokens."):
             out["tok_embeddings." + k.split(".", 1)[1]] = value
-        elif k.startswith("norm."):
-            out[k] = value
+        elif k.startswith(("norm.", "final_layernorm.")):  # Phi: final_layernorm
+            out["norm." + k.split(".", 1)[1]] = value
         elif key.startswith("lm_head."):
             out["output." + key.split(".", 1)[1]] = value
         elif k.startswith("layers."):
@@ -671,6 +684,34 @@ def _state_dict_from_opt(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
             mod, param = rest.rsplit(".", 1)
             if mod in names:
                 out[f"layers.{idx}.{names[mod]}.{param}"] = value
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def _state_dict_from_gpt_neox(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-NeoX's names; its fused ``query_key_value`` holds each head's q, k and v rows in turn."""
+    names = {"attention.dense": "attn.wo", "mlp.dense_h_to_4h": "mlp.w_up", "mlp.dense_4h_to_h": "mlp.w_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        k = key.removeprefix("gpt_neox.")
+        if k == "embed_in.weight":
+            out["tok_embeddings.weight"] = value
+        elif k.startswith("final_layer_norm."):
+            out["norm." + k.split(".", 1)[1]] = value
+        elif key in ("embed_out.weight", "lm_head.weight"):  # transformers 5 renamed it
+            out["output.weight"] = value
+        elif k.startswith("layers."):
+            _, idx, rest = k.split(".", 2)
+            mod, param = rest.rsplit(".", 1)
+            p = f"layers.{idx}."
+            if mod == "attention.query_key_value":  # [H * 3 * D, ...] -> q, k, v of [H * D, ...] each
+                heads = value.reshape(cfg.n_heads[int(idx)], 3, cfg.head_dim, *value.shape[1:])
+                for j, name in enumerate(("wq", "wk", "wv")):
+                    out[p + f"attn.{name}.{param}"] = heads[:, j].reshape(-1, *value.shape[1:]).clone()
+            elif mod in names:
+                out[p + f"{names[mod]}.{param}"] = value
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out

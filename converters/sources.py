@@ -31,7 +31,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "stablelm": "stablelm",
-             "opt": "opt",
+             "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
@@ -95,9 +95,11 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         return _config_from_opt(hf, max_context)
     if arch in ("gemma2", "gemma3"):
         return _config_from_gemma(hf, max_context, arch)
-    for flag in ("use_parallel_residual", "qk_layernorm"):  # StableLM's variants
-        if getattr(hf, flag, False):
-            raise SourceError(f"{hf.model_type} with {flag} is not supported yet")
+    if getattr(hf, "qk_layernorm", False):  # StableLM's and Phi's variant
+        raise SourceError(f"{hf.model_type} with qk_layernorm is not supported yet")
+    parallel = bool(getattr(hf, "use_parallel_residual", arch == "gpt_neox"))
+    if parallel != (arch == "gpt_neox"):  # StableLM's parallel variant, GPT-NeoX's sequential one
+        raise SourceError(f"{hf.model_type} with use_parallel_residual={parallel} is not supported yet")
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
     rope_params = getattr(hf, "rope_parameters", None) or {}
@@ -122,8 +124,10 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
                                   f"({rotary_dim} dimensions) needs {rotary_dim // 2}")
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
     act = getattr(hf, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise SourceError(f"{hf.model_type} MLP activation {act!r} is not supported yet; edgelm computes SwiGLU (silu)")
+    acts = {"phi": _TANH_GELUS, "gpt_neox": ("gelu",)}.get(arch, ("silu", "swish"))
+    if act not in acts:
+        raise SourceError(f"{hf.model_type} MLP activation {act!r} is not supported yet; edgelm computes "
+                          f"{acts[0]} there")
     qkv_bias, o_bias = _attention_biases(hf, arch)
     uses_rope = getattr(hf, "no_rope_layers", None) or []  # SmolLM3: 1 = this layer rotates, 0 = NoPE
     nope = [i for i, rotates in enumerate(uses_rope) if not rotates]
@@ -137,7 +141,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False) or getattr(hf, "use_bias", False)),
+        mlp_bias=arch in ("phi", "gpt_neox") or bool(getattr(hf, "mlp_bias", False) or getattr(hf, "use_bias", False)),
         max_context=ctx,
         **_window(hf, ctx),
     )
@@ -149,6 +153,8 @@ def _attention_biases(hf: Any, arch: str) -> tuple[bool, bool]:
         return bool(hf.use_bias), bool(hf.use_bias)
     if hf.model_type == "stablelm":
         return bool(hf.use_qkv_bias), False
+    if hf.model_type == "phi":
+        return True, True
     bias = bool(getattr(hf, "attention_bias", False))
     if hf.model_type in ("glm", "helium"):  # attention_bias covers q, k and v; o_proj never has one
         return bias, False

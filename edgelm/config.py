@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt", "phi", "gpt_neox")
 
 
 @dataclass
@@ -115,14 +115,30 @@ class ModelConfig:
 
     @property
     def layer_norm(self) -> bool:
-        """LayerNorm with a bias (GPT-2, OPT; StableLM, otherwise a Llama) rather than RMSNorm."""
-        return self.arch in ("gpt2", "opt", "stablelm")
+        """LayerNorm with a bias (GPT-2, OPT, Phi, GPT-NeoX; StableLM, otherwise a Llama) rather than RMSNorm."""
+        return self.arch in ("gpt2", "opt", "stablelm", "phi", "gpt_neox")
 
     @property
     def gated_mlp(self) -> bool:
-        """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's MLP is ``w_down(gelu(w_up x))``, OPT's
-        ``w_down(relu(w_up x))``."""
-        return self.arch not in ("gpt2", "opt")
+        """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's, Phi's and GPT-NeoX's MLP is
+        ``w_down(gelu(w_up x))``, OPT's ``w_down(relu(w_up x))``."""
+        return self.arch not in ("gpt2", "opt", "phi", "gpt_neox")
+
+    @property
+    def parallel_residual(self) -> bool:
+        """Attention and MLP both read the block's input and add to it (Phi, GPT-NeoX), instead of the
+        MLP reading the attention's result."""
+        return self.arch in ("phi", "gpt_neox")
+
+    @property
+    def shared_norm(self) -> bool:
+        """One norm per block feeds both attention and MLP (Phi): ``attn_norm``; there is no ``mlp_norm``."""
+        return self.arch == "phi"
+
+    @property
+    def output_bias(self) -> bool:
+        """A bias on the LM head (Phi)."""
+        return self.arch == "phi"
 
     @property
     def qk_norm(self) -> bool:
@@ -141,10 +157,10 @@ class ModelConfig:
 
     @property
     def mlp_activation(self) -> str:
-        """``silu`` (SwiGLU), ``gelu_tanh`` (Gemma's GeGLU; GPT-2's ungated MLP) or ``relu`` (OPT's)."""
-        if self.arch == "opt":
-            return "relu"
-        return "gelu_tanh" if self.arch in ("gemma2", "gemma3", "gpt2") else "silu"
+        """``silu`` (SwiGLU), ``gelu_tanh`` (Gemma's GeGLU; GPT-2's and Phi's ungated MLP), ``gelu``
+        (the exact one: GPT-NeoX) or ``relu`` (OPT)."""
+        return {"opt": "relu", "gpt_neox": "gelu", "gemma2": "gelu_tanh", "gemma3": "gelu_tanh",
+                "gpt2": "gelu_tanh", "phi": "gelu_tanh"}.get(self.arch, "silu")
 
     def block_linears(self, layer: int) -> list[str]:
         """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""
@@ -157,11 +173,14 @@ class ModelConfig:
         d = self.dim
         norm = 2 * d if self.layer_norm else d
         total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + norm
+        if self.output_bias:
+            total += self.vocab_size
         if self.learned_positions:
             total += self.max_context * d
         for i, (h, kv, f) in enumerate(zip(self.n_heads, self.n_kv_heads, self.ffn_dim)):
             total += sum(n_in * n_out for n_in, n_out in map(self.linear_shape, self.block_linears(i)))
-            total += (4 if self.sandwich_norm else 2) * norm + (2 * self.head_dim if self.qk_norm else 0)
+            norms = 4 if self.sandwich_norm else 1 if self.shared_norm else 2
+            total += norms * norm + (2 * self.head_dim if self.qk_norm else 0)
             if self.qkv_bias:
                 total += (h + 2 * kv) * self.head_dim
             if self.o_bias:

@@ -124,6 +124,16 @@ def _random_causal_lm(arch: str):
         return transformers.OPTForCausalLM(transformers.OPTConfig(
             vocab_size=260, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=96, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=256, eos_token_id=256))
+    if arch == "phi":  # as Phi-2: parallel attention and MLP on one LayerNorm, partial RoPE, a biased LM head
+        return transformers.PhiForCausalLM(transformers.PhiConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=256,
+            eos_token_id=256))
+    if arch == "gpt_neox":  # as Pythia: parallel attention and MLP, exact GELU, per-head fused q/k/v
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, partial_rotary_factor=0.25, pad_token_id=0, bos_token_id=256,
+            eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -138,14 +148,15 @@ def _random_causal_lm(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3", "granite", "glm",
-                                  "stablelm", "opt"])
+                                  "stablelm", "opt", "phi", "gpt_neox"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
     the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
     and logits), SmolLM3 (layers without RoPE), Granite (multipliers), GLM-Edge's shape (interleaved
-    partial RoPE), StableLM 2's (LayerNorm, partial RoPE) and OPT (ReLU, offset positions) from
-    transformers folders: every format's bundle generates transformers' own greedy tokens."""
+    partial RoPE), StableLM 2's (LayerNorm, partial RoPE), OPT (ReLU, offset positions), Phi-2's and
+    Pythia's (parallel attention and MLP) from transformers folders: every format's bundle generates
+    transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -169,7 +180,8 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
              "gemma2": "parameters; soft caps: attention 5.0, logits 8.0\n",
              "smollm3": "parameters; no RoPE in 1 of 2 layers\n",
              "glm": "parameters; RoPE on 8 of 16 head dims\n",
-             "stablelm": "parameters; RoPE on 4 of 16 head dims\n"}.get(arch, "parameters\n")
+             "stablelm": "parameters; RoPE on 4 of 16 head dims\n", "phi": "parameters; RoPE on 8 of 16 head dims\n",
+             "gpt_neox": "parameters; RoPE on 4 of 16 head dims\n"}.get(arch, "parameters\n")
     assert shown in edgelm("inspect", out / "onnx", check=True).stdout
     prompt = "The lighthouse keeper"
     for fmt in ("pte", "onnx", "tflite"):

@@ -25,12 +25,12 @@ def _hf_pair(model_type: str, **kw):
 
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
              "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
-             "stablelm": "StableLm"}
+             "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX"}
     cls_cfg = getattr(transformers, names[model_type] + "Config")
     cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
-    hf = _random_hf(cls_model, cls_cfg(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                       **kw))
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    hf = _random_hf(cls_model, cls_cfg(**{k: v for k, v in {**shape, **kw}.items() if v is not None}))
     cfg = config_from_hf(hf.config, max_context=64)
     return hf, build_decoder(cfg, state_dict_from_hf(hf.state_dict(), cfg, hf.config))
 
@@ -71,6 +71,10 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     ("glm", {"head_dim": 16, "attention_bias": True, "pad_token_id": 0, "eos_token_id": 1}),
     # StableLM 2: LayerNorm (with bias) in a Llama, RoPE on a quarter of each head, q/k/v biases
     ("stablelm", {"partial_rotary_factor": 0.25, "use_qkv_bias": True}),
+    # parallel attention and MLP: Phi (one shared LayerNorm, tanh GELU, a biased LM head, RoPE on 0.4 of a
+    # head) and GPT-NeoX / Pythia (two LayerNorms, exact GELU, per-head fused q/k/v, RoPE on a quarter)
+    ("phi", {"partial_rotary_factor": 0.5, "hidden_act": "gelu_new"}),
+    ("gpt_neox", {"partial_rotary_factor": 0.25, "num_key_value_heads": None}),  # no GQA
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)

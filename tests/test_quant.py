@@ -167,8 +167,9 @@ def _with_outliers(tiny_source):
     model = build_decoder(tiny_source.config, tiny_source.state_dict).eval()
     with torch.no_grad():
         for b in model.layers:
-            ups = (b.mlp.w_gate, b.mlp.w_up) if b.mlp.gated else (b.mlp.w_up,)
-            for norm, lins in ((b.attn_norm, (b.attn.wq, b.attn.wk, b.attn.wv)), (b.mlp_norm, ups)):
+            qkv, ups = (b.attn.wq, b.attn.wk, b.attn.wv), (b.mlp.w_gate, b.mlp.w_up) if b.mlp.gated else (b.mlp.w_up,)
+            groups = ((b.attn_norm, qkv + ups),) if b.shared_norm else ((b.attn_norm, qkv), (b.mlp_norm, ups))
+            for norm, lins in groups:
                 norm.weight[:3] *= 40
                 if getattr(norm, "bias", None) is not None:  # LayerNorm
                     norm.bias[:3] *= 40
@@ -177,20 +178,21 @@ def _with_outliers(tiny_source):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
 def test_smoothing_keeps_the_float_model_and_lowers_the_int8_error(tiny_source, arch):
-    """Three points per layer for SwiGLU; two for GPT-2, whose LayerNorm bias is scaled too."""
+    """Three points per layer for SwiGLU; two for GPT-2, whose LayerNorm bias is scaled too; one for Phi,
+    whose one norm per block feeds q/k/v and the MLP alike."""
     import copy
 
     from edgelm.converters.quant import smooth_activations
 
-    if arch == "gpt2":
-        tiny_source = load_tiny(arch="gpt2", n_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True)
+    if arch != "llama":
+        tiny_source = load_tiny(arch=arch, n_kv_heads=4, qkv_bias=True, o_bias=True, mlp_bias=True)
     reference = _with_outliers(tiny_source)
     windows = _tiny_windows(tiny_source)
     smoothed = copy.deepcopy(reference)
     report = smooth_activations(reference, smoothed, windows, 0.5)
-    points = 3 if arch == "llama" else 2
+    points = {"llama": 3, "gpt2": 2, "phi": 1}[arch]
     assert report["points"] == points * tiny_source.config.n_layers and report["windows"] == len(windows)
     assert report["max_over_median_range"] > 10  # it saw the outliers
     assert not torch.equal(smoothed.layers[0].attn_norm.weight, reference.layers[0].attn_norm.weight)

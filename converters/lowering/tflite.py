@@ -161,10 +161,9 @@ class LiteRTStep(nn.Module):
         for i, block in enumerate(m.layers):
             cos, sin = rotary[block.local_rope]
             layer_mask = mask if block.attn.window is None else local_mask
-            a, k, v = _attention(block.attn, block.attn_norm(x), cos, sin, m.rope_rot, k_cache[i], v_cache[i],
-                                 layer_mask)
-            x = x + block.attn_post_norm(a)
-            x = x + block.mlp_post_norm(block.mlp(block.mlp_norm(x)))
+            h = block.attn_norm(x)
+            a, k, v = _attention(block.attn, h, cos, sin, m.rope_rot, k_cache[i], v_cache[i], layer_mask)
+            x = block.residual(x, h, a)
             out[K_NEW.format(layer=i)], out[V_NEW.format(layer=i)] = k, v
         x = x[:, -1:, :] if last_index is None else x.index_select(1, last_index)
         return {"logits": m.head(x)[:, -1, :], **out}
