@@ -1,5 +1,5 @@
 """The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 2/3,
-GPT-2, OPT, StableLM, Phi and GPT-NeoX.
+GPT-2, OPT, StableLM, Phi, GPT-NeoX, OLMo 2 and EXAONE 4.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
@@ -8,7 +8,8 @@ families change a few parts, and :class:`edgelm.config.ModelConfig` says which: 
 RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention and MLP
 outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
 position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm; Phi and
-GPT-NeoX run attention and a GELU MLP side by side on each block's input. Families that differ
+GPT-NeoX run attention and a GELU MLP side by side on each block's input; OLMo 2 and EXAONE 4
+normalize the attention's and MLP's outputs instead of their inputs. Families that differ
 from one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the
 weights by :func:`state_dict_from_hf`.
 
@@ -228,10 +229,13 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
         self.rope = not cfg.learned_positions and layer not in (cfg.nope_layers or ())
-        if cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight over head_dim, shared by the heads
+        self.qk_norm, self.qk_norm_full = cfg.qk_norm, cfg.qk_norm_full
+        if cfg.qk_norm_full:  # OLMo 2: over the whole projection
+            self.q_norm = RMSNorm(self.n_heads * self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.hd, cfg.norm_eps)
+        elif cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight over head_dim, shared by the heads
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.qk_norm = cfg.qk_norm
         p = f"layers.{layer}.attn."
         self.wq = make_linear(cfg, p + "wq", cfg.qkv_bias)
         self.wk = make_linear(cfg, p + "wk", cfg.qkv_bias)
@@ -256,7 +260,9 @@ class Attention(nn.Module):
     def _qkv(self, x, cos, sin, rot):
         b = x.shape[0]  # -1 for the sequence axis: XNNPACK reshapes with one inferred dim, not a symbolic one
         q, k = self.wq(x), self.wk(x)
-        if self.qk_norm:  # on [B, S*H, D]: with one KV head, [B, S, 1, D] trips LiteRT's converter
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm:  # on [B, S*H, D]: with one KV head, [B, S, 1, D] trips LiteRT's converter
             q, k = self.q_norm(q.view(b, -1, self.hd)), self.k_norm(k.view(b, -1, self.hd))
         q = q.view(b, -1, self.n_heads, self.hd)
         k = k.view(b, -1, self.n_kv, self.hd)
@@ -353,13 +359,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = make_norm(cfg, cfg.dim)
+        self.attn_norm = nn.Identity() if cfg.post_norm else make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = nn.Identity() if cfg.shared_norm else make_norm(cfg, cfg.dim)
+        self.mlp_norm = nn.Identity() if cfg.shared_norm or cfg.post_norm else make_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg, layer)
-        # Gemma 3 also normalizes each branch's output before the residual add
-        self.attn_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
-        self.mlp_post_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else nn.Identity()
+        # Gemma also normalizes each branch's output before the residual add; OLMo 2 does only that
+        post = cfg.sandwich_norm or cfg.post_norm
+        self.attn_post_norm = make_norm(cfg, cfg.dim) if post else nn.Identity()
+        self.mlp_post_norm = make_norm(cfg, cfg.dim) if post else nn.Identity()
         self.local_rope = cfg.local_rope(layer)
         self.parallel, self.shared_norm = cfg.parallel_residual, cfg.shared_norm
 
@@ -540,7 +547,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
         "self_attn.dense": "attn.wo", "mlp.fc1": "mlp.w_up", "mlp.fc2": "mlp.w_down",  # Phi
     }
-    if cfg.sandwich_norm:  # Gemma: "post_attention" is the attention output's own norm
+    if cfg.sandwich_norm or cfg.post_norm:  # Gemma, OLMo 2: "post_attention" is the attention output's own norm
         names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
                       "post_feedforward_layernorm": "mlp_post_norm"})
     out: dict[str, torch.Tensor] = {}

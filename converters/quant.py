@@ -251,7 +251,9 @@ def smooth_activations(reference, model, windows: list[list[int]], alpha: float)
         ups = [b.mlp.w_gate, b.mlp.w_up] if b.mlp.gated else [b.mlp.w_up]
         if b.shared_norm:  # Phi: one norm feeds q/k/v and the MLP, so one scale for all of them
             qkv, ups = qkv + ups, []
-        if all(isinstance(x, nn.Linear) for x in qkv):
+        if not hasattr(b.attn_norm, "weight"):  # OLMo 2: no norm before them, nothing to fold a scale into
+            qkv, ups = [], []
+        if qkv and all(isinstance(x, nn.Linear) for x in qkv):
             points.append((f"layers.{i}.attn_norm", a.wq, "norm", b.attn_norm, qkv))
         if ups and all(isinstance(x, nn.Linear) for x in ups):
             points.append((f"layers.{i}.mlp_norm", m.w_up, "norm", b.mlp_norm, ups))

@@ -31,7 +31,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "stablelm": "stablelm",
-             "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox",
+             "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox", "olmo2": "olmo2", "exaone4": "exaone4",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
@@ -131,6 +131,8 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     qkv_bias, o_bias = _attention_biases(hf, arch)
     uses_rope = getattr(hf, "no_rope_layers", None) or []  # SmolLM3: 1 = this layer rotates, 0 = NoPE
     nope = [i for i, rotates in enumerate(uses_rope) if not rotates]
+    if arch == "exaone4" and getattr(hf, "sliding_window", None):  # with a window, its global layers are NoPE
+        nope = [i for i, t in enumerate(hf.layer_types) if t == "full_attention"]
     return ModelConfig(
         arch=arch,
         **shape,

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt", "phi", "gpt_neox")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt", "phi", "gpt_neox",
+                 "olmo2", "exaone4")
 
 
 @dataclass
@@ -142,13 +143,25 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> bool:
-        """An RMSNorm over each query and key head before the rotary embedding (Qwen3, Gemma 3)."""
-        return self.arch in ("qwen3", "gemma3")
+        """An RMSNorm on the queries and keys before the rotary embedding: over each head (Qwen3, Gemma 3,
+        EXAONE 4), or over all of a layer's heads at once (OLMo 2, see :attr:`qk_norm_full`)."""
+        return self.arch in ("qwen3", "gemma3", "exaone4", "olmo2")
+
+    @property
+    def qk_norm_full(self) -> bool:
+        """The q/k norm spans the whole projection (``n_heads * head_dim``), not one head (OLMo 2)."""
+        return self.arch == "olmo2"
 
     @property
     def sandwich_norm(self) -> bool:
         """A norm on the attention and MLP outputs too, before the residual add (Gemma 2 and 3)."""
         return self.arch in ("gemma2", "gemma3")
+
+    @property
+    def post_norm(self) -> bool:
+        """Norms on the attention and MLP outputs only, before the residual add, none on their inputs
+        (OLMo 2, EXAONE 4)."""
+        return self.arch in ("olmo2", "exaone4")
 
     @property
     def embedding_scale(self) -> float:
@@ -180,7 +193,9 @@ class ModelConfig:
         for i, (h, kv, f) in enumerate(zip(self.n_heads, self.n_kv_heads, self.ffn_dim)):
             total += sum(n_in * n_out for n_in, n_out in map(self.linear_shape, self.block_linears(i)))
             norms = 4 if self.sandwich_norm else 1 if self.shared_norm else 2
-            total += norms * norm + (2 * self.head_dim if self.qk_norm else 0)
+            total += norms * norm
+            if self.qk_norm:
+                total += (h + kv) * self.head_dim if self.qk_norm_full else 2 * self.head_dim
             if self.qkv_bias:
                 total += (h + 2 * kv) * self.head_dim
             if self.o_bias:

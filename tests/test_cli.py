@@ -134,6 +134,15 @@ def _random_causal_lm(arch: str):
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, partial_rotary_factor=0.25, pad_token_id=0, bos_token_id=256,
             eos_token_id=256))
+    if arch == "olmo2":  # norms on the attention and MLP outputs only, q/k norms over the whole projection
+        return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=256, eos_token_id=256))
+    if arch == "exaone4":  # OLMo 2's norms, per-head q/k norms, a 12-token window, a global layer without RoPE
+        return transformers.Exaone4ForCausalLM(transformers.Exaone4Config(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=12,
+            layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=256, eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -148,15 +157,15 @@ def _random_causal_lm(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3", "granite", "glm",
-                                  "stablelm", "opt", "phi", "gpt_neox"])
+                                  "stablelm", "opt", "phi", "gpt_neox", "olmo2", "exaone4"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
     the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
     and logits), SmolLM3 (layers without RoPE), Granite (multipliers), GLM-Edge's shape (interleaved
     partial RoPE), StableLM 2's (LayerNorm, partial RoPE), OPT (ReLU, offset positions), Phi-2's and
-    Pythia's (parallel attention and MLP) from transformers folders: every format's bundle generates
-    transformers' own greedy tokens."""
+    Pythia's (parallel attention and MLP), OLMo 2 and EXAONE 4 (norms after attention and MLP only) from
+    transformers folders: every format's bundle generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -181,7 +190,8 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
              "smollm3": "parameters; no RoPE in 1 of 2 layers\n",
              "glm": "parameters; RoPE on 8 of 16 head dims\n",
              "stablelm": "parameters; RoPE on 4 of 16 head dims\n", "phi": "parameters; RoPE on 8 of 16 head dims\n",
-             "gpt_neox": "parameters; RoPE on 4 of 16 head dims\n"}.get(arch, "parameters\n")
+             "gpt_neox": "parameters; RoPE on 4 of 16 head dims\n", "exaone4": "parameters; no RoPE in 1 of 2 layers\n"
+             }.get(arch, "parameters\n")
     assert shown in edgelm("inspect", out / "onnx", check=True).stdout
     prompt = "The lighthouse keeper"
     for fmt in ("pte", "onnx", "tflite"):

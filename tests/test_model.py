@@ -25,7 +25,7 @@ def _hf_pair(model_type: str, **kw):
 
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
              "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
-             "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX"}
+             "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "olmo2": "Olmo2", "exaone4": "Exaone4"}
     cls_cfg = getattr(transformers, names[model_type] + "Config")
     cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -75,10 +75,16 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     # head) and GPT-NeoX / Pythia (two LayerNorms, exact GELU, per-head fused q/k/v, RoPE on a quarter)
     ("phi", {"partial_rotary_factor": 0.5, "hidden_act": "gelu_new"}),
     ("gpt_neox", {"partial_rotary_factor": 0.25, "num_key_value_heads": None}),  # no GQA
+    # norms on the attention and MLP outputs only: OLMo 2 (q/k norms over the whole projection) and EXAONE 4
+    # (per-head q/k norms; an 8-token window on its local layers, no RoPE on its global one)
+    ("olmo2", {"attention_bias": True}),
+    ("exaone4", {"head_dim": 16, "sliding_window": 8,
+                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
     _assert_logits_match(hf, model, 20)
+    assert model.cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
 def test_smollm3_nope_layers_match_transformers():
