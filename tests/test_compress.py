@@ -83,6 +83,17 @@ def test_pruning_silent_heads_is_exact_and_gqa_consistent(src, calib, granularit
     torch.testing.assert_close(logits(cfg, new, x), logits(src.config, sd, x), atol=1e-5, rtol=1e-5)
 
 
+def test_pruning_heads_of_a_model_with_whole_projection_qk_norms(calib):
+    """OLMo 2's q/k norms span all heads: pruning keeps the kept heads' share of their weights."""
+    src = load_tiny(n_layers=2, arch="olmo2")
+    cfg, new, _, _ = structured_prune(src.config, src.state_dict, calib, heads=0.5, granularity="group")
+    assert cfg.n_heads == [2, 2] and cfg.n_kv_heads == [1, 1]
+    assert new["layers.0.attn.q_norm.weight"].shape == (32,) and new["layers.0.attn.k_norm.weight"].shape == (16,)
+    model = build_decoder(cfg, new)
+    assert parameter_count(model) == cfg.num_parameters()
+    assert torch.isfinite(forward_full(model, tokens())).all()
+
+
 def test_uneven_head_choice_is_refused(src):
     with pytest.raises(CompressionError, match="different query-head counts"):
         keep_heads(src.config, src.state_dict, {0: [0, 1, 2]})

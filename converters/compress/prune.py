@@ -121,6 +121,10 @@ def keep_heads(cfg: ModelConfig, sd: StateDict, keep: dict[int, list[int]]) -> t
             if p + name + ".bias" in sd:
                 sd[p + name + ".bias"] = sd[p + name + ".bias"][rows].clone()
         sd[p + "wo.weight"] = sd[p + "wo.weight"][:, q_rows].clone()
+        if cfg.qk_norm_full:  # OLMo 2's q/k norms span every head: keep the kept heads' part. Not exact (the
+            # norm's mean now runs over fewer heads): distillation is what makes up for it
+            for name, rows in (("q_norm", q_rows), ("k_norm", kv_rows)):
+                sd[p + name + ".weight"] = sd[p + name + ".weight"][rows].clone()
         n_heads[i], n_kv[i] = len(heads), len(groups)
     return _replace(cfg, n_heads=n_heads, n_kv_heads=n_kv), sd
 
