@@ -1,5 +1,5 @@
 """The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 2/3,
-GPT-2, OPT, StableLM, Phi, GPT-NeoX, OLMo 2 and EXAONE 4.
+GPT-2, OPT, StableLM, Phi, GPT-NeoX, OLMo 2, EXAONE 4 and Hunyuan.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
@@ -9,7 +9,8 @@ RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention
 outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
 position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm; Phi and
 GPT-NeoX run attention and a GELU MLP side by side on each block's input; OLMo 2 and EXAONE 4
-normalize the attention's and MLP's outputs instead of their inputs. Families that differ
+normalize the attention's and MLP's outputs instead of their inputs; Hunyuan normalizes queries
+and keys after the rotary embedding. Families that differ
 from one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the
 weights by :func:`state_dict_from_hf`.
 
@@ -229,7 +230,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads[layer], cfg.n_kv_heads[layer], cfg.head_dim
         self.rope = not cfg.learned_positions and layer not in (cfg.nope_layers or ())
-        self.qk_norm, self.qk_norm_full = cfg.qk_norm, cfg.qk_norm_full
+        self.qk_norm, self.qk_norm_full, self.qk_norm_late = cfg.qk_norm, cfg.qk_norm_full, cfg.qk_norm_after_rope
         if cfg.qk_norm_full:  # OLMo 2: over the whole projection
             self.q_norm = RMSNorm(self.n_heads * self.hd, cfg.norm_eps)
             self.k_norm = RMSNorm(self.n_kv * self.hd, cfg.norm_eps)
@@ -262,14 +263,22 @@ class Attention(nn.Module):
         q, k = self.wq(x), self.wk(x)
         if self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        elif self.qk_norm:  # on [B, S*H, D]: with one KV head, [B, S, 1, D] trips LiteRT's converter
-            q, k = self.q_norm(q.view(b, -1, self.hd)), self.k_norm(k.view(b, -1, self.hd))
+        elif self.qk_norm and not self.qk_norm_late:
+            q, k = self._head_norms(q, k)
         q = q.view(b, -1, self.n_heads, self.hd)
         k = k.view(b, -1, self.n_kv, self.hd)
         v = self.wv(x).view(b, -1, self.n_kv, self.hd)
         if self.rope:
             q, k = apply_rope(q, cos, sin, rot), apply_rope(k, cos, sin, rot)
+        if self.qk_norm_late:  # Hunyuan: the per-head norms come after the rotary embedding
+            q, k = self._head_norms(q, k)
+            q, k = q.view(b, -1, self.n_heads, self.hd), k.view(b, -1, self.n_kv, self.hd)
         return q, k, v
+
+    def _head_norms(self, q, k):
+        """The per-head q/k norms, on [B, S*H, D]: with one KV head, [B, S, 1, D] trips LiteRT's converter."""
+        b = q.shape[0]
+        return self.q_norm(q.reshape(b, -1, self.hd)), self.k_norm(k.reshape(b, -1, self.hd))
 
     def _attend(self, q, keys, values, mask):
         """Grouped-query attention without repeating the cache.
@@ -545,6 +554,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         "self_attn.o_proj": "attn.wo", "mlp.gate_proj": "mlp.w_gate", "mlp.up_proj": "mlp.w_up",
         "mlp.down_proj": "mlp.w_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
         "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
+        "self_attn.query_layernorm": "attn.q_norm", "self_attn.key_layernorm": "attn.k_norm",  # Hunyuan
         "self_attn.dense": "attn.wo", "mlp.fc1": "mlp.w_up", "mlp.fc2": "mlp.w_down",  # Phi
     }
     if cfg.sandwich_norm or cfg.post_norm:  # Gemma, OLMo 2: "post_attention" is the attention output's own norm

@@ -32,6 +32,7 @@ TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "stablelm": "stablelm",
              "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox", "olmo2": "olmo2", "exaone4": "exaone4",
+             "hunyuan_v1_dense": "hunyuan",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
@@ -123,6 +124,9 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
                 raise SourceError(f"RoPE {key} has {len(rope_scaling[key])} entries; the rotated part of a head "
                                   f"({rotary_dim} dimensions) needs {rotary_dim // 2}")
     rope_theta = getattr(hf, "rope_theta", None) or rope_params.get("rope_theta", 10000.0)
+    if rope_type(rope_scaling) == "dynamic" and rope_scaling.get("alpha"):  # Hunyuan's NTK-alpha: a fixed base
+        hd = shape["head_dim"]
+        rope_theta, rope_scaling = float(rope_theta) * float(rope_scaling["alpha"]) ** (hd / (hd - 2)), None
     act = getattr(hf, "hidden_act", "silu")
     acts = {"phi": _TANH_GELUS, "gpt_neox": ("gelu",)}.get(arch, ("silu", "swish"))
     if act not in acts:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt", "phi", "gpt_neox",
-                 "olmo2", "exaone4")
+                 "olmo2", "exaone4", "hunyuan")
 
 
 @dataclass
@@ -144,8 +144,14 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         """An RMSNorm on the queries and keys before the rotary embedding: over each head (Qwen3, Gemma 3,
-        EXAONE 4), or over all of a layer's heads at once (OLMo 2, see :attr:`qk_norm_full`)."""
-        return self.arch in ("qwen3", "gemma3", "exaone4", "olmo2")
+        EXAONE 4; Hunyuan after the rotary embedding, see :attr:`qk_norm_after_rope`), or over all of a
+        layer's heads at once (OLMo 2, see :attr:`qk_norm_full`)."""
+        return self.arch in ("qwen3", "gemma3", "exaone4", "olmo2", "hunyuan")
+
+    @property
+    def qk_norm_after_rope(self) -> bool:
+        """The per-head q/k norms apply to the rotated queries and keys (Hunyuan)."""
+        return self.arch == "hunyuan"
 
     @property
     def qk_norm_full(self) -> bool:

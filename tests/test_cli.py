@@ -143,6 +143,12 @@ def _random_causal_lm(arch: str):
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=12,
             layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=256, eos_token_id=256))
+    if arch == "hunyuan":  # per-head q/k norms after the rotary embedding, NTK-alpha RoPE
+        return transformers.HunYuanDenseV1ForCausalLM(transformers.HunYuanDenseV1Config(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=256,
+            eos_token_id=256, rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                               "rope_theta": 10000.0}))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -157,15 +163,16 @@ def _random_causal_lm(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3", "granite", "glm",
-                                  "stablelm", "opt", "phi", "gpt_neox", "olmo2", "exaone4"])
+                                  "stablelm", "opt", "phi", "gpt_neox", "olmo2", "exaone4", "hunyuan"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
     the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
     and logits), SmolLM3 (layers without RoPE), Granite (multipliers), GLM-Edge's shape (interleaved
     partial RoPE), StableLM 2's (LayerNorm, partial RoPE), OPT (ReLU, offset positions), Phi-2's and
-    Pythia's (parallel attention and MLP), OLMo 2 and EXAONE 4 (norms after attention and MLP only) from
-    transformers folders: every format's bundle generates transformers' own greedy tokens."""
+    Pythia's (parallel attention and MLP), OLMo 2 and EXAONE 4 (norms after attention and MLP only) and
+    Hunyuan (q/k norms after RoPE) from transformers folders: every format's bundle generates
+    transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer

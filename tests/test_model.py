@@ -25,7 +25,8 @@ def _hf_pair(model_type: str, **kw):
 
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
              "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
-             "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "olmo2": "Olmo2", "exaone4": "Exaone4"}
+             "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "olmo2": "Olmo2", "exaone4": "Exaone4",
+             "hunyuan_v1_dense": "HunYuanDenseV1"}
     cls_cfg = getattr(transformers, names[model_type] + "Config")
     cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -80,6 +81,9 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     ("olmo2", {"attention_bias": True}),
     ("exaone4", {"head_dim": 16, "sliding_window": 8,
                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    # Hunyuan: per-head q/k norms after the rotary embedding, NTK-alpha RoPE (a fixed larger base)
+    ("hunyuan_v1_dense", {"head_dim": 16, "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0,
+                                                               "rope_theta": 10000.0, "factor": 1.0}}),
 ])
 def test_logits_match_transformers(model_type, kw):
     hf, model = _hf_pair(model_type, **kw)
