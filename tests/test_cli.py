@@ -149,6 +149,11 @@ def _random_causal_lm(arch: str):
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=256,
             eos_token_id=256, rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
                                                "rope_theta": 10000.0}))
+    if arch == "gemma":  # Gemma 1: GeGLU with the exact GELU its released configs name, one KV head
+        return transformers.GemmaForCausalLM(transformers.GemmaConfig(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, hidden_act="gelu", max_position_embeddings=256, pad_token_id=0,
+            bos_token_id=256, eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -163,7 +168,7 @@ def _random_causal_lm(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3", "granite", "glm",
-                                  "stablelm", "opt", "phi", "gpt_neox", "olmo2", "exaone4", "hunyuan"])
+                                  "stablelm", "opt", "phi", "gpt_neox", "olmo2", "exaone4", "hunyuan", "gemma"])
 def test_convert_a_folder_to_every_format(tmp_path, arch):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
     and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
@@ -171,8 +176,8 @@ def test_convert_a_folder_to_every_format(tmp_path, arch):
     and logits), SmolLM3 (layers without RoPE), Granite (multipliers), GLM-Edge's shape (interleaved
     partial RoPE), StableLM 2's (LayerNorm, partial RoPE), OPT (ReLU, offset positions), Phi-2's and
     Pythia's (parallel attention and MLP), OLMo 2 and EXAONE 4 (norms after attention and MLP only) and
-    Hunyuan (q/k norms after RoPE) from transformers folders: every format's bundle generates
-    transformers' own greedy tokens."""
+    Hunyuan (q/k norms after RoPE), Gemma 1 (exact GELU) from transformers folders: every format's bundle
+    generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer

@@ -26,7 +26,7 @@ def _hf_pair(model_type: str, **kw):
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
              "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
              "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "olmo2": "Olmo2", "exaone4": "Exaone4",
-             "hunyuan_v1_dense": "HunYuanDenseV1"}
+             "hunyuan_v1_dense": "HunYuanDenseV1", "gemma": "Gemma"}
     cls_cfg = getattr(transformers, names[model_type] + "Config")
     cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -81,6 +81,11 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     ("olmo2", {"attention_bias": True}),
     ("exaone4", {"head_dim": 16, "sliding_window": 8,
                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    # an activation other than the architecture's: a Llama with GeGLU (exact GELU); Gemma 1 with its
+    # default tanh GELU and with the exact one its released configs name
+    ("llama", {"hidden_act": "gelu"}),
+    ("gemma", {"head_dim": 16}),
+    ("gemma", {"head_dim": 16, "hidden_act": "gelu", "num_key_value_heads": 1}),
     # Hunyuan: per-head q/k norms after the rotary embedding, NTK-alpha RoPE (a fixed larger base)
     ("hunyuan_v1_dense", {"head_dim": 16, "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0,
                                                                "rope_theta": 10000.0, "factor": 1.0}}),
@@ -166,21 +171,23 @@ def test_sliding_window_attention_matches_transformers_past_the_window():
 
 
 def test_unsupported_variants_are_a_clear_source_error():
-    """A Llama-shaped config with another activation (a fine-tune's, or a family that reuses the names)
-    would convert to a SwiGLU model that is silently wrong; so would StableLM's parallel blocks."""
+    """A Llama-shaped config with an activation edgelm lacks would convert to a model that is silently
+    wrong; so would StableLM's parallel blocks."""
     import transformers
 
     from edgelm.errors import SourceError
 
     hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=256, hidden_act="gelu")
-    with pytest.raises(SourceError, match="llama MLP activation 'gelu' is not supported yet"):
+                                      num_attention_heads=4, max_position_embeddings=256, hidden_act="quick_gelu")
+    with pytest.raises(SourceError, match="llama MLP activation 'quick_gelu' is not supported yet"):
         config_from_hf(hf_cfg, max_context=64)
     hf_cfg.hidden_act = "silu"
-    assert config_from_hf(hf_cfg, max_context=64).arch == "llama"
+    cfg = config_from_hf(hf_cfg, max_context=64)
+    assert (cfg.arch, cfg.activation, cfg.mlp_activation) == ("llama", None, "silu")  # the manifest keeps no field
+    assert "activation" not in cfg.to_dict()
     stablelm = transformers.StableLmConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                            num_attention_heads=4, use_parallel_residual=True)
-    with pytest.raises(SourceError, match="stablelm with use_parallel_residual is not supported yet"):
+    with pytest.raises(SourceError, match="stablelm with use_parallel_residual=True is not supported yet"):
         config_from_hf(stablelm, max_context=64)
 
 
@@ -324,7 +331,7 @@ def test_gpt2_context_and_unsupported_variants():
     assert cfg.max_context == 48
     with pytest.raises(ValueError, match="learned positions for 48 tokens"):
         build_decoder(ModelConfig.from_dict({**cfg.to_dict(), "max_context": 64}), sd)
-    for kw, needle in (({"activation_function": "relu"}, "activation 'relu'"),
+    for kw, needle in (({"activation_function": "quick_gelu"}, "activation 'quick_gelu'"),
                        ({"scale_attn_by_inverse_layer_idx": True}, "attention scaling")):
         with pytest.raises(SourceError, match=needle):
             _gpt2_pair(**kw)
@@ -347,7 +354,8 @@ def test_opt_logits_match_transformers():
     _assert_logits_match(hf, build_decoder(cfg, sd), 40)
     _assert_stateful_decoding_matches(hf, cfg, sd)
     for change, needle in (({"do_layer_norm_before": False}, "post-LayerNorm blocks"),
-                           ({"word_embed_proj_dim": 32}, "narrower"), ({"activation_function": "gelu"}, "'gelu'")):
+                           ({"word_embed_proj_dim": 32}, "narrower"),
+                           ({"activation_function": "quick_gelu"}, "'quick_gelu'")):
         with pytest.raises(SourceError, match=needle):
             config_from_hf(transformers.OPTConfig(**{**kw, **change}), max_context=64)
 
