@@ -10,9 +10,8 @@ outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm
 position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm; Phi and
 GPT-NeoX run attention and a GELU MLP side by side on each block's input; OLMo 2 and EXAONE 4
 normalize the attention's and MLP's outputs instead of their inputs; Hunyuan normalizes queries
-and keys after the rotary embedding. Families that differ
-from one of these only by constants or a layout (Granite, interleaved RoPE) are folded into the
-weights by :func:`state_dict_from_hf`.
+and keys after the rotary embedding. Families that differ from one of these only by constants or
+a layout (Granite, interleaved RoPE) are folded into the weights by :func:`state_dict_from_hf`.
 
 The cache has two modes on the same weights:
 
@@ -540,9 +539,9 @@ class Decoder(nn.Module):
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
                        hf_config: object | None = None) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face Llama/Mistral/Phi-3/Qwen2/Qwen3/Gemma 2/Gemma 3 (or GPT-2) state dict to the
+    """Rename a Hugging Face state dict (of a ``model_type`` that ``sources.config_from_hf`` takes) to the
     canonical names, folding what the canonical decoder does not compute into the weights (Gemma's and
-    Granite's scales, interleaved RoPE), so Gemma and Granite need their ``hf_config``."""
+    Granite's scales, interleaved RoPE): pass the model's ``hf_config``, which says what to fold."""
     if cfg.arch == "gpt2":
         return _state_dict_from_gpt2(sd, cfg)
     if cfg.arch == "opt":
@@ -633,7 +632,7 @@ def _fold_granite(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: obje
 
 
 def _fold_gemma(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object | None) -> None:
-    """Gemma's RMSNorm multiplies by ``1 + weight``: store ``1 + weight``. Its attention scales scores
+    """Gemma's RMSNorm multiplies by ``1 + weight``: store ``1 + weight``. Gemma 2 and 3 scale scores
     by ``query_pre_attn_scalar ** -0.5``, not ``head_dim ** -0.5``: the ratio goes into the query norm
     (Gemma 3) or the query projection (Gemma 2; RoPE is linear), so every exporter's attention keeps
     its usual scale."""

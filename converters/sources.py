@@ -85,8 +85,8 @@ def _context(limit: int, max_context: int | None) -> int:
 
 
 def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
-    """Canonical config from a ``transformers`` config object (Llama family, Qwen2/3, Gemma 2/3, GPT-2,
-    StableLM)."""
+    """Canonical config from a ``transformers`` config object of a ``model_type`` in ``_HF_ARCHS``, or a
+    SourceError that says what edgelm does not compute."""
     arch = _HF_ARCHS.get(hf.model_type)
     if arch is None:
         raise SourceError(
@@ -145,7 +145,7 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        mlp_bias=arch in ("phi", "gpt_neox") or bool(getattr(hf, "mlp_bias", False) or getattr(hf, "use_bias", False)),
+        mlp_bias=_mlp_bias(hf, arch),
         max_context=ctx,
         **_window(hf, ctx),
     )
@@ -160,6 +160,11 @@ def _activation(hf: Any, arch: str, name: str) -> dict[str, str]:
         raise SourceError(f"{hf.model_type} MLP activation {act!r} is not supported yet; edgelm computes "
                           f"{', '.join(_ACTIVATIONS)}")
     return {} if ours == ARCH_TRAITS[arch].activation else {"activation": ours}
+
+
+def _mlp_bias(hf: Any, arch: str) -> bool:
+    """Whether the MLP's linears have biases (always in Phi and GPT-NeoX; ERNIE 4.5's ``use_bias``)."""
+    return arch in ("phi", "gpt_neox") or bool(getattr(hf, "mlp_bias", False) or getattr(hf, "use_bias", False))
 
 
 def _attention_biases(hf: Any, arch: str) -> tuple[bool, bool]:
@@ -177,7 +182,7 @@ def _attention_biases(hf: Any, arch: str) -> tuple[bool, bool]:
 
 
 def _shape(hf: Any) -> dict[str, Any]:
-    """The fields every ``transformers`` config of the RMSNorm families spells the same way."""
+    """The fields every ``transformers`` config of the Llama-like families spells the same way."""
     n_heads = hf.num_attention_heads
     return dict(
         vocab_size=hf.vocab_size,
