@@ -32,7 +32,7 @@ TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2",
              "stablelm": "stablelm", "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox", "olmo2": "olmo2",
-             "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan",
+             "olmo3": "olmo2", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
@@ -106,7 +106,10 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
     ctx = _context(limit, max_context)
     rope_params = getattr(hf, "rope_parameters", None) or {}
+    local_rope = _local_rope(hf, rope_params, limit)
     rope_scaling = getattr(hf, "rope_scaling", None) or None
+    if "full_attention" in rope_params:  # OLMo 3: one set per layer type; the global layers' set is the model's
+        rope_params, rope_scaling = dict(rope_params["full_attention"] or {}), None
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = dict(rope_params)
     if rope_scaling and "original_max_position_embeddings" not in rope_scaling and \
@@ -147,8 +150,20 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         o_bias=o_bias,
         mlp_bias=_mlp_bias(hf, arch),
         max_context=ctx,
-        **_window(hf, ctx),
+        **(_window(hf, ctx) | local_rope),
     )
+
+
+def _local_rope(hf: Any, rope_params: dict[str, Any], limit: int) -> dict[str, Any]:
+    """OLMo 3's sliding-window layers take their own RoPE base, without the global layers' scaling: their
+    ``local_layers`` and ``local_rope_theta``, whether or not the window is shorter than the context."""
+    if "sliding_attention" not in rope_params:
+        return {}
+    local = dict(rope_params["sliding_attention"] or {})
+    if _checked_rope(local, limit) is not None:
+        raise SourceError(f"RoPE scaling {rope_type(local)!r} on sliding-window layers is not supported yet")
+    layers = [i for i, t in enumerate(getattr(hf, "layer_types", None) or []) if t == "sliding_attention"]
+    return {"local_layers": layers, "local_rope_theta": float(local.get("rope_theta", 10_000.0))} if layers else {}
 
 
 def _activation(hf: Any, arch: str, name: str) -> dict[str, str]:

@@ -138,6 +138,14 @@ def _random_causal_lm(arch: str):
         return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=256, eos_token_id=256))
+    if arch == "olmo3":  # OLMo 2 with a 12-token window on its local layers, which keep their own RoPE base
+        return transformers.Olmo3ForCausalLM(transformers.Olmo3Config(
+            vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, sliding_window=12,
+            layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=256, eos_token_id=256,
+            rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 50000.0,
+                                                "original_max_position_embeddings": 128},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}))
     if arch == "exaone4":  # OLMo 2's norms, per-head q/k norms, a 12-token window, a global layer without RoPE
         return transformers.Exaone4ForCausalLM(transformers.Exaone4Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -175,7 +183,8 @@ ALL_FORMATS = ("pte", "onnx", "tflite")
 @pytest.mark.parametrize("arch,formats", [
     *(pytest.param(arch, ALL_FORMATS, id=arch) for arch in ("gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3",
                                                             "phi", "gpt_neox", "olmo2", "hunyuan")),
-    *(pytest.param(arch, ("onnx",), id=arch) for arch in ("granite", "glm", "stablelm", "opt", "exaone4", "gemma")),
+    *(pytest.param(arch, ("onnx",), id=arch) for arch in ("granite", "glm", "stablelm", "opt", "exaone4", "gemma",
+                                                          "olmo3")),
 ])
 def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
@@ -184,9 +193,9 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
     and logits), SmolLM3 (layers without RoPE), Phi-2's and Pythia's (parallel attention and MLP),
     OLMo 2 (norms after attention and MLP only, q/k norms over all heads), Hunyuan (q/k norms after
     RoPE); and in ONNX Granite (multipliers), GLM-Edge's shape (interleaved partial RoPE), StableLM 2's
-    (LayerNorm, partial RoPE), OPT (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE)
-    and Gemma 1 (exact GELU) from transformers folders: each bundle generates transformers' own greedy
-    tokens."""
+    (LayerNorm, partial RoPE), OPT (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE),
+    Gemma 1 (exact GELU) and OLMo 3 (a window, a RoPE per layer type) from transformers folders: each
+    bundle generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -212,15 +221,16 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
              "smollm3": "parameters; no RoPE in 1 of 2 layers\n",
              "glm": "parameters; RoPE on 8 of 16 head dims\n",
              "stablelm": "parameters; RoPE on 4 of 16 head dims\n", "phi": "parameters; RoPE on 8 of 16 head dims\n",
-             "gpt_neox": "parameters; RoPE on 4 of 16 head dims\n", "exaone4": "parameters; no RoPE in 1 of 2 layers\n"
+             "gpt_neox": "parameters; RoPE on 4 of 16 head dims\n", "exaone4": "parameters; no RoPE in 1 of 2 layers\n",
+             "olmo3": "parameters; yarn RoPE scaling\n"
              }.get(arch, "parameters\n")
     assert shown in edgelm("inspect", out / "onnx", check=True).stdout
     prompt = "The lighthouse keeper"
     for fmt in formats:
         engine = Engine.load(out / fmt, threads=2)
         parity = engine.manifest.verification["parity"]
-        llama = ("phi3", "smollm3", "granite", "glm")  # stablelm is its own
-        assert engine.manifest.model.arch == ("llama" if arch in llama else arch) and parity["passed"]
+        canonical = {"phi3": "llama", "smollm3": "llama", "granite": "llama", "glm": "llama", "olmo3": "olmo2"}
+        assert engine.manifest.model.arch == canonical.get(arch, arch) and parity["passed"]
         assert parity["max_abs_err"] < 1e-4, (fmt, parity)  # GPT-2's tanh GELU is that GELU in XNNPACK too
         ids = engine.encode_prompt(prompt)
         got = list(engine.generate_ids(ids, max_new_tokens=24))

@@ -26,7 +26,7 @@ def _hf_pair(model_type: str, **kw):
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
              "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
              "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "olmo2": "Olmo2", "exaone4": "Exaone4",
-             "hunyuan_v1_dense": "HunYuanDenseV1", "gemma": "Gemma"}
+             "hunyuan_v1_dense": "HunYuanDenseV1", "gemma": "Gemma", "olmo3": "Olmo3"}
     cls_cfg = getattr(transformers, names[model_type] + "Config")
     cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -79,6 +79,12 @@ def _assert_logits_match(hf, model, n_tokens: int) -> None:
     # norms on the attention and MLP outputs only: OLMo 2 (q/k norms over the whole projection) and EXAONE 4
     # (per-head q/k norms; an 8-token window on its local layers, no RoPE on its global one)
     ("olmo2", {"attention_bias": True}),
+    # OLMo 3: OLMo 2 with an 8-token window on its local layers, which keep their own RoPE base while the
+    # global one is YaRN-scaled
+    ("olmo3", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+               "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 50000.0,
+                                                      "original_max_position_embeddings": 64},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
     ("exaone4", {"head_dim": 16, "sliding_window": 8,
                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
     # an activation other than the architecture's: a Llama with GeGLU (exact GELU); Gemma 1 with its
