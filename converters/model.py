@@ -647,36 +647,47 @@ def _fold_gemma(sd: dict[str, torch.Tensor], cfg: ModelConfig, hf_config: object
             sd[key] = sd[key] * q_scale
 
 
-def _state_dict_from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT-2's names, fused q/k/v and ``Conv1D`` weights ([in, out], the transpose of a linear's)."""
-    norms = {"ln_1": "attn_norm", "ln_2": "mlp_norm"}
-    conv = {"attn.c_proj": "attn.wo", "mlp.c_fc": "mlp.w_up", "mlp.c_proj": "mlp.w_down"}
-    d = cfg.dim
+def _rename(sd: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str, blocks: str, top: dict[str, str],
+            names: dict[str, str], fused=None) -> dict[str, torch.Tensor]:
+    """Canonical names for a state dict whose keys start with ``prefix`` (the LM head's may not): ``top``
+    renames the modules outside the blocks (embeddings, the final norm, the LM head), ``names`` the modules
+    of block ``i`` (``<blocks>.<i>.<module>.<param>``). ``fused(i, module, param, value)`` gives the
+    canonical entries (names within the block) of a module that is more than renamed, or None."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        k = key.removeprefix("transformer.")
-        if k == "wte.weight":
-            out["tok_embeddings.weight"] = value
-        elif k == "wpe.weight":  # every trained position: build_decoder keeps the first max_context
-            out["pos_embeddings.weight"] = value
-        elif k.startswith("ln_f."):
-            out["norm." + k.split(".", 1)[1]] = value
-        elif key == "lm_head.weight":
-            out["output.weight"] = value
-        elif k.startswith("h."):
-            _, idx, rest = k.split(".", 2)
+        k = key.removeprefix(prefix)
+        mod, _, param = k.rpartition(".")
+        if mod in top:
+            out[f"{top[mod]}.{param}"] = value
+        elif k.startswith(blocks + "."):
+            idx, rest = k[len(blocks) + 1:].split(".", 1)
             mod, param = rest.rsplit(".", 1)
-            p = f"layers.{idx}."
-            if mod in norms:
-                out[p + f"{norms[mod]}.{param}"] = value
-            elif mod == "attn.c_attn":  # [d, 3d] weight, [3d] bias: q, k, v side by side
-                for name, part in zip(("wq", "wk", "wv"), value.split(d, dim=-1)):
-                    out[p + f"attn.{name}.{param}"] = part.T.contiguous() if param == "weight" else part.clone()
-            elif mod in conv:
-                out[p + f"{conv[mod]}.{param}"] = value.T.contiguous() if param == "weight" else value
+            parts = fused(int(idx), mod, param, value) if fused else None
+            if parts is None and mod in names:
+                parts = {f"{names[mod]}.{param}": value}
+            out.update({f"layers.{idx}.{name}": v for name, v in (parts or {}).items()})
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out
+
+
+def _state_dict_from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2's names, fused q/k/v and ``Conv1D`` weights ([in, out], the transpose of a linear's). Every
+    trained position is kept: build_decoder keeps the first max_context."""
+    conv = {"attn.c_proj": "attn.wo", "mlp.c_fc": "mlp.w_up", "mlp.c_proj": "mlp.w_down"}
+
+    def fused(i: int, mod: str, param: str, value: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            return x.T.contiguous() if param == "weight" else x.clone()
+
+        if mod == "attn.c_attn":  # [d, 3d] weight, [3d] bias: q, k, v side by side
+            return {f"attn.{name}.{param}": linear(part)
+                    for name, part in zip(("wq", "wk", "wv"), value.split(cfg.dim, dim=-1))}
+        return {f"{conv[mod]}.{param}": linear(value)} if mod in conv else None
+
+    return _rename(sd, cfg, "transformer.", "h", {"wte": "tok_embeddings", "wpe": "pos_embeddings", "ln_f": "norm",
+                                                 "lm_head": "output"},
+                   {"ln_1": "attn_norm", "ln_2": "mlp_norm"}, fused)
 
 
 def _state_dict_from_opt(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -684,24 +695,10 @@ def _state_dict_from_opt(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     names = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "self_attn.v_proj": "attn.wv",
              "self_attn.out_proj": "attn.wo", "fc1": "mlp.w_up", "fc2": "mlp.w_down",
              "self_attn_layer_norm": "attn_norm", "final_layer_norm": "mlp_norm"}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        k = key.removeprefix("model.decoder.")
-        if k == "embed_tokens.weight":
-            out["tok_embeddings.weight"] = value
-        elif k == "embed_positions.weight":
-            out["pos_embeddings.weight"] = value[2:]
-        elif k.startswith("final_layer_norm."):
-            out["norm." + k.split(".", 1)[1]] = value
-        elif key == "lm_head.weight":
-            out["output.weight"] = value
-        elif k.startswith("layers."):
-            _, idx, rest = k.split(".", 2)
-            mod, param = rest.rsplit(".", 1)
-            if mod in names:
-                out[f"layers.{idx}.{names[mod]}.{param}"] = value
-    if cfg.tie_embeddings:
-        out.pop("output.weight", None)
+    out = _rename(sd, cfg, "model.decoder.", "layers", {"embed_tokens": "tok_embeddings",
+                                                        "embed_positions": "pos_embeddings",
+                                                        "final_layer_norm": "norm", "lm_head": "output"}, names)
+    out["pos_embeddings.weight"] = out["pos_embeddings.weight"][2:]
     return out
 
 
@@ -709,28 +706,17 @@ def _state_dict_from_gpt_neox(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> 
     """GPT-NeoX's names; its fused ``query_key_value`` holds each head's q, k and v rows in turn."""
     names = {"attention.dense": "attn.wo", "mlp.dense_h_to_4h": "mlp.w_up", "mlp.dense_4h_to_h": "mlp.w_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        k = key.removeprefix("gpt_neox.")
-        if k == "embed_in.weight":
-            out["tok_embeddings.weight"] = value
-        elif k.startswith("final_layer_norm."):
-            out["norm." + k.split(".", 1)[1]] = value
-        elif key in ("embed_out.weight", "lm_head.weight"):  # transformers 5 renamed it
-            out["output.weight"] = value
-        elif k.startswith("layers."):
-            _, idx, rest = k.split(".", 2)
-            mod, param = rest.rsplit(".", 1)
-            p = f"layers.{idx}."
-            if mod == "attention.query_key_value":  # [H * 3 * D, ...] -> q, k, v of [H * D, ...] each
-                heads = value.reshape(cfg.n_heads[int(idx)], 3, cfg.head_dim, *value.shape[1:])
-                for j, name in enumerate(("wq", "wk", "wv")):
-                    out[p + f"attn.{name}.{param}"] = heads[:, j].reshape(-1, *value.shape[1:]).clone()
-            elif mod in names:
-                out[p + f"{names[mod]}.{param}"] = value
-    if cfg.tie_embeddings:
-        out.pop("output.weight", None)
-    return out
+
+    def fused(i: int, mod: str, param: str, value: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if mod != "attention.query_key_value":
+            return None
+        heads = value.reshape(cfg.n_heads[i], 3, cfg.head_dim, *value.shape[1:])  # -> q, k, v of [H * D, ...]
+        return {f"attn.{name}.{param}": heads[:, j].reshape(-1, *value.shape[1:]).clone()
+                for j, name in enumerate(("wq", "wk", "wv"))}
+
+    top = {"embed_in": "tok_embeddings", "final_layer_norm": "norm",
+           "embed_out": "output", "lm_head": "output"}  # transformers 5 calls embed_out lm_head
+    return _rename(sd, cfg, "gpt_neox.", "layers", top, names, fused)
 
 
 def build_decoder(cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None) -> Decoder:

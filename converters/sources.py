@@ -218,26 +218,21 @@ def _config_from_gpt2(hf: Any, max_context: int | None) -> ModelConfig:
     if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or not getattr(hf, "scale_attn_weights", True):
         raise SourceError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported yet "
                           "(scale_attn_weights / scale_attn_by_inverse_layer_idx)")
-    dim, n_heads = hf.n_embd, hf.n_head
-    return ModelConfig(
-        arch="gpt2",
-        **_activation(hf, "gpt2", "activation_function"),
-        vocab_size=hf.vocab_size,
-        dim=dim,
-        n_layers=hf.n_layer,
-        n_heads=n_heads,
-        n_kv_heads=n_heads,
-        ffn_dim=getattr(hf, "n_inner", None) or 4 * dim,
-        head_dim=dim // n_heads,
-        norm_eps=float(hf.layer_norm_epsilon),
-        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        max_context=_context(hf.n_positions, max_context),
-        bos_token_id=getattr(hf, "bos_token_id", None),
-        eos_token_ids=_eos_ids(hf),
-    )
+    return _learned_positions_config(
+        hf, "gpt2", "activation_function", hf.n_embd, hf.n_head, hf.n_positions, max_context,
+        n_layers=hf.n_layer, ffn_dim=getattr(hf, "n_inner", None) or 4 * hf.n_embd,
+        norm_eps=float(hf.layer_norm_epsilon), qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
+def _learned_positions_config(hf: Any, arch: str, act: str, dim: int, n_heads: int, positions: int,
+                              max_context: int | None, **fields: Any) -> ModelConfig:
+    """GPT-2's and OPT's config: multi-head attention and a learned table of ``positions``; ``fields`` are
+    what their configs spell differently."""
+    return ModelConfig(arch=arch, **_activation(hf, arch, act), vocab_size=hf.vocab_size, dim=dim, n_heads=n_heads,
+                       n_kv_heads=n_heads, head_dim=dim // n_heads,
+                       tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+                       max_context=_context(positions, max_context), bos_token_id=getattr(hf, "bos_token_id", None),
+                       eos_token_ids=_eos_ids(hf), **fields)
 
 
 def _config_from_opt(hf: Any, max_context: int | None) -> ModelConfig:
@@ -251,27 +246,12 @@ def _config_from_opt(hf: Any, max_context: int | None) -> ModelConfig:
     for what, present in unsupported.items():
         if present:
             raise SourceError(f"OPT with {what} is not supported yet")
-    dim, n_heads = hf.hidden_size, hf.num_attention_heads
     bias = bool(getattr(hf, "enable_bias", True))
-    return ModelConfig(
-        arch="opt",
-        **_activation(hf, "opt", "activation_function"),
-        vocab_size=hf.vocab_size,
-        dim=dim,
-        n_layers=hf.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_heads,
-        ffn_dim=hf.ffn_dim,
-        head_dim=dim // n_heads,
+    return _learned_positions_config(
+        hf, "opt", "activation_function", hf.hidden_size, hf.num_attention_heads, hf.max_position_embeddings,
+        max_context, n_layers=hf.num_hidden_layers, ffn_dim=hf.ffn_dim,
         norm_eps=1e-5,  # nn.LayerNorm's default, which OPT keeps
-        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-        qkv_bias=bias,
-        o_bias=bias,
-        mlp_bias=bias,
-        max_context=_context(hf.max_position_embeddings, max_context),
-        bos_token_id=getattr(hf, "bos_token_id", None),
-        eos_token_ids=_eos_ids(hf),
-    )
+        qkv_bias=bias, o_bias=bias, mlp_bias=bias)
 
 
 def _window(hf: Any, ctx: int) -> dict[str, Any]:
