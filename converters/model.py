@@ -559,29 +559,21 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
     if cfg.sandwich_norm or cfg.post_norm:  # Gemma, OLMo 2: "post_attention" is the attention output's own norm
         names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
                       "post_feedforward_layernorm": "mlp_post_norm"})
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        k = key.removeprefix("model.")
-        if k.startswith("embed_tokens."):
-            out["tok_embeddings." + k.split(".", 1)[1]] = value
-        elif k.startswith(("norm.", "final_layernorm.")):  # Phi: final_layernorm
-            out["norm." + k.split(".", 1)[1]] = value
-        elif key.startswith("lm_head."):
-            out["output." + key.split(".", 1)[1]] = value
-        elif k.startswith("layers."):
-            _, idx, rest = k.split(".", 2)
-            mod, param = rest.rsplit(".", 1)
-            i, p = int(idx), f"layers.{idx}."
-            if mod == "self_attn.qkv_proj":  # Phi-3: q, k and v rows in one matrix
-                q, kv = cfg.n_heads[i] * cfg.head_dim, cfg.n_kv_heads[i] * cfg.head_dim
-                for name, part in zip(("wq", "wk", "wv"), value.split([q, kv, kv])):
-                    out[p + f"attn.{name}.{param}"] = part.clone()
-            elif mod == "mlp.gate_up_proj":  # Phi-3: gate rows, then up rows
-                for name, part in zip(("w_gate", "w_up"), value.split(cfg.ffn_dim[i])):
-                    out[p + f"mlp.{name}.{param}"] = part.clone()
-            elif mod in names:
-                out[p + f"{names[mod]}.{param}"] = value
-            # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
+
+    def fused(i: int, mod: str, param: str, value: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        if mod == "self_attn.qkv_proj":  # Phi-3: q, k and v rows in one matrix
+            q, kv = cfg.n_heads[i] * cfg.head_dim, cfg.n_kv_heads[i] * cfg.head_dim
+            return {f"attn.{name}.{param}": part.clone() for name, part in zip(("wq", "wk", "wv"),
+                                                                                value.split([q, kv, kv]))}
+        if mod == "mlp.gate_up_proj":  # Phi-3: gate rows, then up rows
+            return {f"mlp.{name}.{param}": part.clone() for name, part in zip(("w_gate", "w_up"),
+                                                                               value.split(cfg.ffn_dim[i]))}
+        return None
+
+    top = {"embed_tokens": "tok_embeddings", "norm": "norm", "final_layernorm": "norm",  # Phi: final_layernorm
+           "lm_head": "output"}
+    # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
+    out = _rename(sd, cfg, "model.", "layers", top, names, fused)
     if cfg.arch in ("gemma", "gemma2", "gemma3"):
         _fold_gemma(out, cfg, hf_config)
     model_type = getattr(hf_config, "model_type", None)
@@ -589,8 +581,6 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         _fold_granite(out, cfg, hf_config)
     if model_type in INTERLEAVED_ROPE:
         _deinterleave_rope(out, cfg)
-    if cfg.tie_embeddings:
-        out.pop("output.weight", None)
     return out
 
 
