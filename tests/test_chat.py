@@ -187,10 +187,13 @@ def test_chat_command_on_a_terminal(tiny_pte):
     import os
     import pty
     import select
+    import signal
     import time
 
     pid, master = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal
+        # as from a shell: Ctrl-C interrupts (a pytest-xdist worker ignores SIGINT, and exec keeps that)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "edgelm.cli", "chat", str(tiny_pte), "-n", "5"])
     seen, status = b"", None
 
