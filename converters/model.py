@@ -1,5 +1,5 @@
 """The canonical decoder: one export-friendly definition for the Llama family, Qwen2/3, Gemma 1/2/3,
-GPT-2, OPT, StableLM, Phi, GPT-NeoX, OLMo 2, EXAONE 4 and Hunyuan.
+GPT-2, OPT, StableLM, Phi, GPT-NeoX, OLMo 2, EXAONE 4, Hunyuan and LFM2.
 
 Read it like nanoGPT's ``model.py``: RMSNorm, rotary embeddings, grouped-query
 attention and a SwiGLU MLP, with per-layer head counts and FFN widths (so pruned
@@ -10,7 +10,8 @@ outputs, GeGLU, a scaled embedding and a second rotary base; GPT-2 has LayerNorm
 position embedding and a GELU MLP (OPT: a ReLU one); StableLM is a Llama with LayerNorm; Phi and
 GPT-NeoX run attention and a GELU MLP side by side on each block's input; OLMo 2 and EXAONE 4
 normalize the attention's and MLP's outputs instead of their inputs; Hunyuan normalizes queries
-and keys after the rotary embedding. Families that differ from one of these only by constants or
+and keys after the rotary embedding; LFM2 puts a gated short convolution (:class:`ShortConv`) in
+place of attention in most layers. Families that differ from one of these only by constants or
 a layout (Granite, interleaved RoPE) are folded into the weights by :func:`state_dict_from_hf`.
 
 The cache has two modes on the same weights:
@@ -335,6 +336,85 @@ class Attention(nn.Module):
         return self.wo(self._attend(q, keys, values, mask)), (k, v)
 
 
+class ShortConv(nn.Module):
+    """LFM2's gated short convolution, the token mixer of a convolution layer (``ModelConfig.conv_layers``):
+    ``wo(C * conv(B * X))``, where ``w_in`` gives B, C and X and ``conv`` is causal and depthwise, ``conv_kernel``
+    taps over the positions. Its cache holds B * X per position (first half in the K cache, second in the V
+    cache, shaped like the attention caches), so it is written, exported and rewound as keys and values are;
+    a call reads the ``conv_kernel - 1`` rows before its first position. Same signature as :class:`Attention`.
+    """
+
+    window = None  # no attention mask to pick
+    rope = qk_norm = softcap = False
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.dim, self.taps = cfg.dim, cfg.conv_kernel
+        self.n_kv, self.hd, self.max_context = cfg.n_kv_heads[layer], cfg.head_dim, cfg.max_context
+        p = f"layers.{layer}.attn."
+        self.w_in = make_linear(cfg, p + "w_in", cfg.conv_bias)
+        self.conv_weight = nn.Parameter(torch.zeros(cfg.dim, self.taps))  # [channel, tap]; the last tap is "now"
+        self.conv_bias = nn.Parameter(torch.zeros(cfg.dim)) if cfg.conv_bias else None
+        self.wo = make_linear(cfg, p + "wo", cfg.conv_bias)
+        self.impl = "plain"
+        self.stateful = False
+
+    init_cache = Attention.init_cache
+
+    def gate_and_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """C and B * X of ``x`` [B, S, dim]: the output gate and what is cached and convolved."""
+        b_gate, c_gate, values = self.w_in(x).chunk(3, dim=-1)
+        return c_gate, b_gate * values
+
+    def earlier(self, k_cache: torch.Tensor, v_cache: torch.Tensor, start, axis: int) -> torch.Tensor:
+        """The cached B * X of the ``taps - 1`` positions before ``start``, [B, taps - 1, dim], zero before
+        position 0. The caches hold positions along ``axis`` ([B, KV, T, D]: 2; ExecuTorch's [B, T, KV, D]: 1)."""
+        idx = torch.arange(1 - self.taps, 0) + start
+        rows = [c.index_select(axis, idx.clamp(min=0)) for c in (k_cache, v_cache)]
+        if axis == 2:
+            rows = [r.transpose(1, 2) for r in rows]
+        b = k_cache.shape[0]
+        prev = torch.cat([r.reshape(b, self.taps - 1, -1) for r in rows], dim=-1)
+        return prev * (idx >= 0).to(prev.dtype)[None, :, None]
+
+    def mix(self, c_gate: torch.Tensor, prev: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the gate, the earlier rows and this call's B * X ([B, S, dim])."""
+        seq = torch.cat((prev, rows), dim=1)  # [B, taps - 1 + S, dim]
+        s = rows.shape[1]
+        out = seq.narrow(1, 0, s) * self.conv_weight[:, 0]
+        for tap in range(1, self.taps):
+            out = out + seq.narrow(1, tap, s) * self.conv_weight[:, tap]
+        if self.conv_bias is not None:
+            out = out + self.conv_bias
+        return self.wo(c_gate * out)
+
+    def halves(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B * X as cache rows: its first and second half, each [B, S, KV, D]."""
+        b = rows.shape[0]
+        k, v = rows.chunk(2, dim=-1)
+        return k.reshape(b, -1, self.n_kv, self.hd), v.reshape(b, -1, self.n_kv, self.hd)
+
+    def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
+        c_gate, rows = self.gate_and_rows(x)
+        k, v = self.halves(rows)
+        if self.impl == "executorch":
+            prev = self.earlier(self.k_cache, self.v_cache, start_pos, 1)  # rows before start_pos: not written here
+            torch.ops.llama.update_cache(k, self.k_cache, start_pos)
+            torch.ops.llama.update_cache(v, self.v_cache, start_pos)
+            return self.mix(c_gate, prev, rows), None
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
+        start = pos[0] if start_pos is None else start_pos
+        if self.stateful:
+            prev = self.earlier(self.k_cache, self.v_cache, start, 2)
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+        elif cache[0].shape[2] == 0:  # an empty functional cache (compression's calibration): nothing before
+            prev = rows.new_zeros(rows.shape[0], self.taps - 1, self.dim)
+        else:
+            prev = self.earlier(cache[0], cache[1], start, 2)
+        return self.mix(c_gate, prev, rows), (k, v)
+
+
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """``cap * tanh(x / cap)`` (Gemma 2's attention scores and logits); ``x`` itself when ``cap`` is None."""
     return torch.tanh(x * (1.0 / cap)) * cap if cap else x
@@ -368,7 +448,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = nn.Identity() if cfg.post_norm else make_norm(cfg, cfg.dim)
-        self.attn = Attention(cfg, layer)
+        self.attn = ShortConv(cfg, layer) if cfg.is_conv(layer) else Attention(cfg, layer)
         self.mlp_norm = nn.Identity() if cfg.shared_norm or cfg.post_norm else make_norm(cfg, cfg.dim)
         self.mlp = MLP(cfg, layer)
         # Gemma also normalizes each branch's output before the residual add; OLMo 2 does only that
@@ -555,6 +635,11 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
         "self_attn.query_layernorm": "attn.q_norm", "self_attn.key_layernorm": "attn.k_norm",  # Hunyuan
         "self_attn.dense": "attn.wo", "mlp.fc1": "mlp.w_up", "mlp.fc2": "mlp.w_down",  # Phi
+        # LFM2: its attention's and convolution's output projections, q/k norms, SwiGLU and norms
+        "self_attn.out_proj": "attn.wo", "self_attn.q_layernorm": "attn.q_norm", "self_attn.k_layernorm": "attn.k_norm",
+        "conv.in_proj": "attn.w_in", "conv.out_proj": "attn.wo", "feed_forward.w1": "mlp.w_gate",
+        "feed_forward.w3": "mlp.w_up", "feed_forward.w2": "mlp.w_down", "operator_norm": "attn_norm",
+        "ffn_norm": "mlp_norm",
     }
     if cfg.sandwich_norm or cfg.post_norm:  # Gemma, OLMo 2: "post_attention" is the attention output's own norm
         names.update({"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "mlp_norm",
@@ -568,10 +653,12 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig,
         if mod == "mlp.gate_up_proj":  # Phi-3: gate rows, then up rows
             return {f"mlp.{name}.{param}": part.clone() for name, part in zip(("w_gate", "w_up"),
                                                                                value.split(cfg.ffn_dim[i]))}
+        if mod == "conv.conv":  # LFM2: a depthwise Conv1d, weight [dim, 1, taps]
+            return {f"attn.conv_{param}": value.reshape(cfg.dim, -1).squeeze(-1).clone()}  # bias: [dim]
         return None
 
     top = {"embed_tokens": "tok_embeddings", "norm": "norm", "final_layernorm": "norm",  # Phi: final_layernorm
-           "lm_head": "output"}
+           "embedding_norm": "norm", "lm_head": "output"}  # LFM2's final norm is its "embedding_norm"
     # anything else (e.g. rotary_emb.inv_freq) is recomputed from the config
     out = _rename(sd, cfg, "model.", "layers", top, names, fused)
     if cfg.arch in ("gemma", "gemma2", "gemma3"):

@@ -247,14 +247,15 @@ def smooth_activations(reference, model, windows: list[list[int]], alpha: float)
     points = []  # (name, producer kind, producer, consumer linears) per smoothing point
     for i, (rb, b) in enumerate(zip(reference.layers, model.layers)):
         a, m = rb.attn, rb.mlp
-        qkv = [b.attn.wq, b.attn.wk, b.attn.wv]
+        conv = hasattr(b.attn, "w_in")  # LFM2's convolution layers: one projection after the norm
+        qkv = [b.attn.w_in] if conv else [b.attn.wq, b.attn.wk, b.attn.wv]
         ups = [b.mlp.w_gate, b.mlp.w_up] if b.mlp.gated else [b.mlp.w_up]
         if b.shared_norm:  # Phi: one norm feeds q/k/v and the MLP, so one scale for all of them
             qkv, ups = qkv + ups, []
         if not hasattr(b.attn_norm, "weight"):  # OLMo 2: no norm before them, nothing to fold a scale into
             qkv, ups = [], []
         if qkv and all(isinstance(x, nn.Linear) for x in qkv):
-            points.append((f"layers.{i}.attn_norm", a.wq, "norm", b.attn_norm, qkv))
+            points.append((f"layers.{i}.attn_norm", a.w_in if conv else a.wq, "norm", b.attn_norm, qkv))
         if ups and all(isinstance(x, nn.Linear) for x in ups):
             points.append((f"layers.{i}.mlp_norm", m.w_up, "norm", b.mlp_norm, ups))
         # the down projection's input is linear in the up projection's rows only through SwiGLU's

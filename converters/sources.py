@@ -32,7 +32,7 @@ TINY = "builtin:tiny"
 _HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "llama",
              "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt2": "gpt2",
              "stablelm": "stablelm", "opt": "opt", "phi": "phi", "gpt_neox": "gpt_neox", "olmo2": "olmo2",
-             "olmo3": "olmo2", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan",
+             "olmo3": "olmo2", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan", "lfm2": "lfm2",
              # Llamas up to a change that folds into the weights (converters.model.state_dict_from_hf):
              # Granite's scalar multipliers; Helium, ERNIE 4.5 and GLM (GLM-Edge) rotate interleaved pairs
              "granite": "llama", "helium": "llama", "ernie4_5": "llama", "glm": "llama"}
@@ -98,6 +98,8 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
         return _config_from_opt(hf, max_context)
     if arch in ("gemma", "gemma2", "gemma3"):
         return _config_from_gemma(hf, max_context, arch)
+    if arch == "lfm2":
+        return _config_from_lfm2(hf, max_context)
     if getattr(hf, "qk_layernorm", False):  # StableLM's and Phi's variant
         raise SourceError(f"{hf.model_type} with qk_layernorm is not supported yet")
     parallel = bool(getattr(hf, "use_parallel_residual", arch == "gpt_neox"))
@@ -154,6 +156,39 @@ def config_from_hf(hf: Any, max_context: int | None = None) -> ModelConfig:
     )
 
 
+def _config_from_lfm2(hf: Any, max_context: int | None) -> ModelConfig:
+    """LFM2: Qwen3-style attention layers (per-head q/k norms) between gated short-convolution layers, a
+    SwiGLU MLP whose width the config derives (``block_auto_adjust_ff_dim``) as transformers' ``Lfm2MLP`` does."""
+    shape = _shape(hf)
+    ffn = int(hf.intermediate_size)
+    if getattr(hf, "block_auto_adjust_ff_dim", False):
+        ffn = int(2 * ffn / 3)
+        if getattr(hf, "block_ffn_dim_multiplier", None) is not None:
+            multiple = int(hf.block_multiple_of)
+            ffn = multiple * ((int(hf.block_ffn_dim_multiplier * ffn) + multiple - 1) // multiple)
+    conv = [i for i, t in enumerate(hf.layer_types) if t == "conv"]
+    if any(t not in ("conv", "full_attention") for t in hf.layer_types):
+        raise SourceError(f"LFM2 layer types {sorted(set(hf.layer_types))} are not supported yet (edgelm computes "
+                          "conv and full_attention layers)")
+    dim, hd = shape["dim"], shape["head_dim"]
+    if conv and dim % (2 * hd):
+        raise SourceError(f"LFM2 with hidden_size {dim} not a multiple of 2 * head_dim ({2 * hd}) is not supported "
+                          "yet (edgelm caches a convolution layer's rows in K and V halves of head_dim columns)")
+    slots = dim // (2 * hd)  # a convolution layer's cache, shaped like the attention layers' caches
+    rope_params = getattr(hf, "rope_parameters", None) or {}
+    limit = getattr(hf, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+    ctx = _context(limit, max_context)
+    heads = [slots if i in conv else shape["n_heads"] for i in range(shape["n_layers"])]
+    kv_heads = [slots if i in conv else shape["n_kv_heads"] for i in range(shape["n_layers"])]
+    return ModelConfig(
+        arch="lfm2", **{**shape, "n_heads": heads, "n_kv_heads": kv_heads, "ffn_dim": ffn},
+        rope_theta=float(rope_params.get("rope_theta", getattr(hf, "rope_theta", None) or 1_000_000.0)),
+        rope_scaling=_checked_rope(rope_params, limit),
+        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)), max_context=ctx,
+        conv_layers=conv or None, conv_kernel=int(hf.conv_L_cache) if conv else None, conv_bias=bool(hf.conv_bias),
+    )
+
+
 def _local_rope(hf: Any, rope_params: dict[str, Any], limit: int) -> dict[str, Any]:
     """OLMo 3's sliding-window layers take their own RoPE base, without the global layers' scaling: their
     ``local_layers`` and ``local_rope_theta``, whether or not the window is shorter than the context."""
@@ -207,7 +242,8 @@ def _shape(hf: Any) -> dict[str, Any]:
         n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
         ffn_dim=hf.intermediate_size,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
-        norm_eps=float(getattr(hf, "rms_norm_eps", None) or hf.layer_norm_eps),  # StableLM: LayerNorm
+        # StableLM: LayerNorm's layer_norm_eps; LFM2: norm_eps
+        norm_eps=float(getattr(hf, "rms_norm_eps", None) or getattr(hf, "norm_eps", None) or hf.layer_norm_eps),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf),
     )

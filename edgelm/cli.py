@@ -491,6 +491,8 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     extras = [f"{rs.get('rope_type', rs.get('type'))} RoPE scaling" if rs else "",
               f"RoPE on {cfg.rotary_dim} of {cfg.head_dim} head dims" if cfg.rotary_dim else "",
               f"no RoPE in {len(cfg.nope_layers)} of {cfg.n_layers} layers" if cfg.nope_layers else "",
+              f"{len(cfg.conv_layers)} of {cfg.n_layers} layers are {cfg.conv_kernel}-tap convolutions"
+              if cfg.conv_layers else "",
               f"soft caps: attention {cfg.attn_softcap}, logits {cfg.final_softcap}"
               if cfg.attn_softcap or cfg.final_softcap else ""]
     click.echo(f"model       {cfg.arch}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, "

@@ -48,6 +48,8 @@ ARCH_TRAITS: dict[str, ArchTraits] = {
     "olmo2": ArchTraits(block="post", qk_norm="full"),
     "exaone4": ArchTraits(block="post", qk_norm="head"),
     "hunyuan": ArchTraits(qk_norm="head_after_rope"),
+    # LFM2: Qwen3's attention layers between gated short-convolution layers (ModelConfig.conv_layers)
+    "lfm2": ArchTraits(qk_norm="head"),
 }
 ARCHITECTURES = tuple(ARCH_TRAITS)
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
@@ -102,6 +104,15 @@ class ModelConfig:
     # The MLP's activation where a model's config departs from its architecture's (a GPT-2 with ReLU,
     # Gemma 1's exact GELU): one of ACTIVATIONS. None: the architecture's own (ArchTraits.activation).
     activation: str | None = None
+    # Short-convolution layers (LFM2) in place of attention: ``wo(C * conv(B * X))`` with B, C, X from one
+    # projection ``w_in`` and a causal depthwise convolution of ``conv_kernel`` taps over the positions. What
+    # the convolution reads of earlier positions, B * X (``dim`` wide), is cached per position like keys and
+    # values, so a cache can be rewound (speculative decoding, a conversation's shared prefix): its first half
+    # in the layer's K cache, its second in its V cache. So in these layers ``n_kv_heads * head_dim`` is
+    # ``dim / 2`` and ``n_heads == n_kv_heads``: they shape the cache, not heads. None: every layer attends.
+    conv_layers: list[int] | None = None
+    conv_kernel: int | None = None
+    conv_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -129,6 +140,17 @@ class ModelConfig:
             self.nope_layers = sorted(int(i) for i in self.nope_layers)
             if any(not 0 <= i < self.n_layers for i in self.nope_layers):
                 raise ValueError(f"nope_layers {self.nope_layers} need indices below {self.n_layers}")
+        if self.conv_layers is not None:
+            self.conv_layers = sorted(int(i) for i in self.conv_layers)
+            if any(not 0 <= i < self.n_layers for i in self.conv_layers):
+                raise ValueError(f"conv_layers {self.conv_layers} need indices below {self.n_layers}")
+            if not self.conv_kernel or self.conv_kernel < 2:
+                raise ValueError(f"conv_layers need a conv_kernel of at least 2 taps, not {self.conv_kernel}")
+            for i in self.conv_layers:
+                if self.n_heads[i] != self.n_kv_heads[i] or 2 * self.n_kv_heads[i] * self.head_dim != self.dim:
+                    raise ValueError(f"convolution layer {i} caches B * X ({self.dim} wide) in K and V halves: it "
+                                     f"needs n_heads == n_kv_heads == dim / (2 * head_dim) = "
+                                     f"{self.dim / (2 * self.head_dim):g}")
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
         if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
@@ -139,7 +161,7 @@ class ModelConfig:
         data = asdict(self)
         # the optional fields stay out when unused: manifests stay readable by runtimes that predate them
         for name in ("low_rank", "local_layers", "local_rope_theta", "sliding_window", "rotary_dim", "attn_softcap",
-                     "final_softcap", "nope_layers", "activation"):
+                     "final_softcap", "nope_layers", "activation", "conv_layers", "conv_kernel", "conv_bias"):
             if not data[name]:
                 data.pop(name)
         return data
@@ -225,11 +247,16 @@ class ModelConfig:
         """``silu``, ``gelu_tanh``, ``gelu`` (the exact one) or ``relu``."""
         return self.activation or self.traits.activation
 
+    def is_conv(self, layer: int) -> bool:
+        """Whether ``layer`` is a short-convolution layer (see :attr:`conv_layers`), not attention."""
+        return layer in (self.conv_layers or ())
+
     def block_linears(self, layer: int) -> list[str]:
-        """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"``."""
+        """Names of the linears of block ``layer``, e.g. ``"layers.3.attn.wq"`` (a convolution layer's are
+        ``attn.w_in`` and ``attn.wo``: its token mixer sits where attention does)."""
         mlp = ("w_gate", "w_up", "w_down") if self.gated_mlp else ("w_up", "w_down")
-        return ([f"layers.{layer}.attn.{p}" for p in ("wq", "wk", "wv", "wo")]
-                + [f"layers.{layer}.mlp.{p}" for p in mlp])
+        mixer = ("w_in", "wo") if self.is_conv(layer) else ("wq", "wk", "wv", "wo")
+        return [f"layers.{layer}.attn.{p}" for p in mixer] + [f"layers.{layer}.mlp.{p}" for p in mlp]
 
     def num_parameters(self) -> int:
         """Parameter count, counting a tied embedding once."""
@@ -244,14 +271,17 @@ class ModelConfig:
             total += sum(n_in * n_out for n_in, n_out in map(self.linear_shape, self.block_linears(i)))
             norms = 4 if self.sandwich_norm else 1 if self.shared_norm else 2
             total += norms * norm
+            if self.mlp_bias:
+                total += (2 if self.gated_mlp else 1) * f + d
+            if self.is_conv(i):  # the taps; biases on w_in (3d), the convolution and wo
+                total += d * self.conv_kernel + (5 * d if self.conv_bias else 0)
+                continue
             if self.qk_norm:
                 total += (h + kv) * self.head_dim if self.qk_norm_full else 2 * self.head_dim
             if self.qkv_bias:
                 total += (h + 2 * kv) * self.head_dim
             if self.o_bias:
                 total += d
-            if self.mlp_bias:
-                total += (2 if self.gated_mlp else 1) * f + d
         for name, rank in (self.low_rank or {}).items():
             n_in, n_out = self.linear_shape(name)
             total += rank * (n_in + n_out) - n_in * n_out
@@ -261,6 +291,8 @@ class ModelConfig:
         """(in_features, out_features) of a block linear, e.g. ``"layers.3.mlp.w_down"``."""
         _, layer, kind, proj = name.split(".")
         i, d, hd = int(layer), self.dim, self.head_dim
+        if self.is_conv(i) and proj in ("w_in", "wo"):
+            return (d, 3 * d) if proj == "w_in" else (d, d)
         shapes = {"wq": (d, self.n_heads[i] * hd), "wk": (d, self.n_kv_heads[i] * hd),
                   "wv": (d, self.n_kv_heads[i] * hd), "wo": (self.n_heads[i] * hd, d),
                   "w_gate": (d, self.ffn_dim[i]), "w_up": (d, self.ffn_dim[i]), "w_down": (self.ffn_dim[i], d)}

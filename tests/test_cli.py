@@ -162,6 +162,11 @@ def _random_causal_lm(arch: str):
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, head_dim=16, hidden_act="gelu", max_position_embeddings=256, pad_token_id=0,
             bos_token_id=256, eos_token_id=256))
+    if arch == "lfm2":  # gated short-convolution layers between attention layers with per-head q/k norms
+        return transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+            vocab_size=260, hidden_size=64, intermediate_size=144, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"], block_multiple_of=16,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=256, eos_token_id=256))
     if arch == "phi3":  # as Phi-4-mini: RoPE on 3/4 of each head, LongRoPE, tied embedding, fused qkv
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(
             vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -182,20 +187,20 @@ ALL_FORMATS = ("pte", "onnx", "tflite")
 # those with other weights (Granite and GLM are Llamas once folded) or other settings of the same ops.
 @pytest.mark.parametrize("arch,formats", [
     *(pytest.param(arch, ALL_FORMATS, id=arch) for arch in ("gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3",
-                                                            "phi", "gpt_neox", "olmo2", "hunyuan")),
+                                                            "phi", "gpt_neox", "olmo2", "hunyuan", "lfm2")),
     *(pytest.param(arch, ("onnx",), id=arch) for arch in ("granite", "glm", "stablelm", "opt", "exaone4", "gemma",
                                                           "olmo3")),
 ])
 def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
-    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query
-    and key head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on
-    the local layers), Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores
-    and logits), SmolLM3 (layers without RoPE), Phi-2's and Pythia's (parallel attention and MLP),
-    OLMo 2 (norms after attention and MLP only, q/k norms over all heads), Hunyuan (q/k norms after
-    RoPE); and in ONNX Granite (multipliers), GLM-Edge's shape (interleaved partial RoPE), StableLM 2's
-    (LayerNorm, partial RoPE), OPT (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE),
-    Gemma 1 (exact GELU) and OLMo 3 (a window, a RoPE per layer type) from transformers folders: each
-    bundle generates transformers' own greedy tokens."""
+    """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query and key
+    head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on the local layers),
+    Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores and logits), SmolLM3 (layers
+    without RoPE), Phi-2's and Pythia's (parallel attention and MLP), OLMo 2 (norms after attention and MLP
+    only, q/k norms over all heads), Hunyuan (q/k norms after RoPE), LFM2 (short-convolution layers); and in
+    ONNX Granite (multipliers), GLM-Edge's shape (interleaved partial RoPE), StableLM 2's (LayerNorm, partial
+    RoPE), OPT (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE), Gemma 1 (exact GELU) and
+    OLMo 3 (a window, a RoPE per layer type) from transformers folders: each bundle generates transformers' own
+    greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
@@ -222,7 +227,8 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
              "glm": "parameters; RoPE on 8 of 16 head dims\n",
              "stablelm": "parameters; RoPE on 4 of 16 head dims\n", "phi": "parameters; RoPE on 8 of 16 head dims\n",
              "gpt_neox": "parameters; RoPE on 4 of 16 head dims\n", "exaone4": "parameters; no RoPE in 1 of 2 layers\n",
-             "olmo3": "parameters; yarn RoPE scaling\n"
+             "olmo3": "parameters; yarn RoPE scaling\n",
+             "lfm2": "parameters; 2 of 3 layers are 3-tap convolutions\n",
              }.get(arch, "parameters\n")
     assert shown in edgelm("inspect", out / "onnx", check=True).stdout
     prompt = "The lighthouse keeper"

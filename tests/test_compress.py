@@ -94,6 +94,26 @@ def test_pruning_heads_of_a_model_with_whole_projection_qk_norms(calib):
     assert torch.isfinite(forward_full(model, tokens())).all()
 
 
+def test_pruning_a_model_with_convolution_layers(calib):
+    """LFM2: a dropped layer takes its place in conv_layers with it; heads are pruned in attention layers only;
+    the convolution layers' FFNs and output projections prune and factor like any other."""
+    src = load_tiny(n_layers=4, arch="lfm2", conv_layers=[0, 1, 3], conv_kernel=3, n_heads=[2, 2, 4, 2],
+                    n_kv_heads=2)
+    cfg, new, layer_map, report = structured_prune(src.config, src.state_dict, calib, drop=1, heads=0.5, ffn=0.25,
+                                                   granularity="group", multiple_of=1)
+    [gone] = report["dropped_layers"]
+    assert layer_map == [i for i in range(4) if i != gone] and cfg.n_layers == 3
+    assert cfg.conv_layers == [new_i for new_i, old in enumerate(layer_map) if old in (0, 1, 3)]
+    assert [cfg.n_heads[i] for i in cfg.conv_layers] == [2] * len(cfg.conv_layers)  # untouched
+    assert [h for i, h in enumerate(cfg.n_heads) if not cfg.is_conv(i)] == [2] * (3 - len(cfg.conv_layers))
+    assert cfg.ffn_dim == [96] * 3
+    cfg, new, _ = low_rank(cfg, new, budget=0.5, targets="attn")
+    assert {f"layers.{i}.attn.{p}" for i in cfg.conv_layers for p in ("w_in", "wo")} <= set(cfg.low_rank)
+    model = build_decoder(cfg, new)
+    assert parameter_count(model) == cfg.num_parameters()
+    assert torch.isfinite(forward_full(model, tokens())).all()
+
+
 def test_uneven_head_choice_is_refused(src):
     with pytest.raises(CompressionError, match="different query-head counts"):
         keep_heads(src.config, src.state_dict, {0: [0, 1, 2]})
@@ -180,6 +200,29 @@ def test_gpt2_learned_positions_bound_checkpoints_and_distillation(tmp_path):
     opts = CompressOptions(distill_steps=1, distill_sequences=1, distill_seq_len=64, evaluate=False)
     with pytest.raises(CompressionError, match="learned positions for 32 tokens"):
         compress_source(src, opts, progress=False)
+
+
+def test_distillation_windows_fit_a_short_context():
+    """Teacher text longer than the model's context (--distill-seq-len 128, --max-context 32) trains on
+    windows of the context, not past the position table."""
+    from edgelm.converters.compress.options import CompressOptions
+    from edgelm.converters.compress.recipe import compress_source
+
+    src = load_tiny(n_layers=2, max_context=32)
+    opts = CompressOptions(prune_ffn=0.25, distill_steps=2, distill_sequences=2, distill_batch=2, distill_seq_len=128,
+                           evaluate=False, multiple_of=1)
+    out, report = compress_source(src, opts, progress=False)
+    assert out.config.max_context == 32 and out.config.ffn_dim == [96, 96]
+    assert report["distill_data"]["tokens"] == 2 * 128
+
+
+def test_dropping_a_layer_renumbers_the_nope_layers():
+    """SmolLM3's layers without RoPE keep their place when an earlier layer goes."""
+    src = load_tiny(n_layers=4, nope_layers=[3])
+    cfg, sd = drop_layers(src.config, src.state_dict, [0])
+    assert cfg.nope_layers == [2] and not build_decoder(cfg, sd).layers[2].attn.rope
+    cfg, sd = drop_layers(cfg, sd, [2])
+    assert cfg.nope_layers is None
 
 
 def test_dropping_layers_keeps_each_layers_rotary_base_and_window():

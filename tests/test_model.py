@@ -26,7 +26,7 @@ def _hf_pair(model_type: str, **kw):
     names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
              "smollm3": "SmolLM3", "granite": "Granite", "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm",
              "stablelm": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "olmo2": "Olmo2", "exaone4": "Exaone4",
-             "hunyuan_v1_dense": "HunYuanDenseV1", "gemma": "Gemma", "olmo3": "Olmo3"}
+             "hunyuan_v1_dense": "HunYuanDenseV1", "gemma": "Gemma", "olmo3": "Olmo3", "lfm2": "Lfm2"}
     cls_cfg = getattr(transformers, names[model_type] + "Config")
     cls_model = getattr(transformers, names[model_type] + "ForCausalLM")
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -117,6 +117,52 @@ def test_smollm3_nope_layers_match_transformers():
         diff = model(ids, torch.tensor([0]), model.empty_caches())[0] - \
             rotating(ids, torch.tensor([0]), rotating.empty_caches())[0]
     assert diff.abs().max() > 1e-2  # the test would see a NoPE layer that rotates
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_lfm2_convolution_layers_match_transformers(conv_bias):
+    """LFM2: gated short-convolution layers between attention layers. The convolution reads B * X of the two
+    positions before a call's first one from the cache, so chunked prefill and decoding, in every cache mode
+    (functional as ONNX and LiteRT run it, stateful as ExecuTorch does), give transformers' logits."""
+    from edgelm.converters.model import ShortConv
+
+    hf, model = _hf_pair("lfm2", layer_types=["conv", "full_attention", "conv", "conv"], num_hidden_layers=4,
+                         intermediate_size=144, block_multiple_of=16, conv_bias=conv_bias)
+    cfg = model.cfg
+    assert (cfg.arch, cfg.conv_layers, cfg.conv_kernel, cfg.ffn_dim) == ("lfm2", [0, 2, 3], 3, [96] * 4)
+    assert [isinstance(b.attn, ShortConv) for b in model.layers] == [True, False, True, True]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and "conv_layers" not in tiny_config().to_dict()
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    _assert_logits_match(hf, model, 24)
+    _assert_stateful_decoding_matches(hf, cfg, model.state_dict())
+    ids = torch.randint(0, 300, (1, 30))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        caches, pos = model.empty_caches(), 0
+        model.full_logits = True
+        for n in (11, 1, 1, 2, 15):  # the runtime's way: new rows come back and are written at their positions
+            logits, rows = model(ids[:, pos:pos + n], torch.tensor([pos]), caches)
+            at = torch.arange(pos, pos + n)
+            caches = [(k.index_copy(2, at, nk), v.index_copy(2, at, nv)) for (k, v), (nk, nv) in zip(caches, rows)]
+            assert torch.allclose(logits, ref[:, pos:pos + n], atol=1e-4), pos
+            pos += n
+
+
+def test_lfm2_refusals():
+    import transformers
+
+    from edgelm.errors import SourceError
+
+    hf_cfg = transformers.Lfm2Config(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=3, num_key_value_heads=3,
+                                     layer_types=["conv", "full_attention"])
+    with pytest.raises(SourceError, match=r"hidden_size 48 not a multiple of 2 \* head_dim \(32\)"):
+        config_from_hf(hf_cfg)
+    hf_cfg = transformers.Lfm2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, layer_types=["conv", "full_attention"])
+    hf_cfg.layer_types = ["conv", "sliding_attention"]
+    with pytest.raises(SourceError, match=r"LFM2 layer types \['conv', 'sliding_attention'\] are not supported"):
+        config_from_hf(hf_cfg)
 
 
 def _longrope(original: int, **kw) -> dict:

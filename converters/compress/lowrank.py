@@ -20,7 +20,7 @@ from edgelm.config import ModelConfig
 from edgelm.converters.compress import CompressionError
 
 StateDict = dict[str, torch.Tensor]
-PROJECTIONS = {"attn": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}
+PROJECTIONS = {"attn": ("wq", "wk", "wv", "wo", "w_in"), "mlp": ("w_gate", "w_up", "w_down")}  # w_in: LFM2
 
 
 def factor(weight: torch.Tensor, rank: int, svd=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,13 +59,18 @@ def drop_layers(cfg: ModelConfig, sd: StateDict, drop: list[int]) -> tuple[Model
             _, idx, rest = name.split(".", 2)
             if int(idx) not in drop_set:
                 low_rank[f"layers.{new_index[int(idx)]}.{rest}"] = r
+    def kept(layers: list[int] | None) -> list[int] | None:
+        return None if layers is None else [new_index[i] for i in layers if i not in drop_set]
+
     # the local (sliding-window, Gemma 3 rotary) layers that stay; None still means every layer slides
-    local = None if cfg.local_layers is None else [new_index[i] for i in cfg.local_layers if i not in drop_set]
+    local, conv = kept(cfg.local_layers), kept(cfg.conv_layers)
     new = _replace(cfg, n_layers=len(keep), n_heads=[cfg.n_heads[i] for i in keep],
                    n_kv_heads=[cfg.n_kv_heads[i] for i in keep], ffn_dim=[cfg.ffn_dim[i] for i in keep],
                    low_rank=low_rank or None, local_layers=local or None,
                    local_rope_theta=cfg.local_rope_theta if local else None,
-                   sliding_window=cfg.sliding_window if local is None or local else None)
+                   sliding_window=cfg.sliding_window if local is None or local else None,
+                   nope_layers=kept(cfg.nope_layers) or None, conv_layers=conv or None,
+                   conv_kernel=cfg.conv_kernel if conv else None)
     return new, out
 
 
@@ -187,6 +192,8 @@ def structured_prune(cfg: ModelConfig, sd: StateDict, windows: list[list[int]], 
         if heads:
             keep = {}
             for i in range(cfg.n_layers):
+                if cfg.is_conv(i):  # LFM2's convolution layers have no heads
+                    continue
                 s = head_scores(sd[f"layers.{i}.attn.wo.weight"], stats.head_sq[i], cfg.n_heads[i])
                 keep[i] = choose_heads(s, cfg.n_kv_heads[i], heads, granularity)
             before = list(cfg.n_heads)

@@ -121,7 +121,8 @@ def compress_source(source: Source, opts: CompressOptions, progress: bool = True
     if opts.distill_steps:
         data, report["distill_data"] = training_data(source, teacher, opts, progress)
         dcfg = DistillConfig(steps=opts.distill_steps, batch_size=opts.distill_batch,
-                             seq_len=min(opts.distill_seq_len, data.shape[1]), lr=opts.distill_lr,
+                             # windows of the generated text within the model's context
+                             seq_len=min(opts.distill_seq_len, data.shape[1], cfg.max_context), lr=opts.distill_lr,
                              warmup=opts.distill_warmup, temperature=opts.distill_temperature,
                              ce_weight=opts.distill_ce, hidden_mse_weight=opts.distill_hidden_mse,
                              eval_every=opts.distill_eval_every, seed=opts.seed,

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
-from edgelm.converters.model import attention_mask, soft_cap
+from edgelm.converters.model import ShortConv, attention_mask, soft_cap
 from edgelm.converters.quant import smooth_activations
 from edgelm.errors import ConversionError, FormatError
 
@@ -162,7 +162,12 @@ class LiteRTStep(nn.Module):
             cos, sin = rotary[block.local_rope]
             layer_mask = mask if block.attn.window is None else local_mask
             h = block.attn_norm(x)
-            a, k, v = _attention(block.attn, h, cos, sin, m.rope_rot, k_cache[i], v_cache[i], layer_mask)
+            if isinstance(block.attn, ShortConv):  # LFM2's convolution layers: the rows before `start`, then ours
+                c_gate, rows = block.attn.gate_and_rows(h)
+                a = block.attn.mix(c_gate, block.attn.earlier(k_cache[i], v_cache[i], start, 2), rows)
+                k, v = (r.transpose(1, 2) for r in block.attn.halves(rows))
+            else:
+                a, k, v = _attention(block.attn, h, cos, sin, m.rope_rot, k_cache[i], v_cache[i], layer_mask)
             x = block.residual(x, h, a)
             out[K_NEW.format(layer=i)], out[V_NEW.format(layer=i)] = k, v
         x = x[:, -1:, :] if last_index is None else x.index_select(1, last_index)
