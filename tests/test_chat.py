@@ -192,8 +192,9 @@ def test_chat_command_on_a_terminal(tiny_pte):
 
     pid, master = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal
-        # as from a shell: Ctrl-C interrupts (a pytest-xdist worker ignores SIGINT, and exec keeps that)
+        # as from a shell: Ctrl-C interrupts (a pytest-xdist worker ignores or blocks SIGINT; exec keeps both)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, "-m", "edgelm.cli", "chat", str(tiny_pte), "-n", "5"])
     seen, status = b"", None
 
