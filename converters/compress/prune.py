@@ -59,6 +59,7 @@ def drop_layers(cfg: ModelConfig, sd: StateDict, drop: list[int]) -> tuple[Model
             _, idx, rest = name.split(".", 2)
             if int(idx) not in drop_set:
                 low_rank[f"layers.{new_index[int(idx)]}.{rest}"] = r
+
     def kept(layers: list[int] | None) -> list[int] | None:
         return None if layers is None else [new_index[i] for i in layers if i not in drop_set]
 
