@@ -22,35 +22,6 @@ requires_smollm2 = pytest.mark.skipif(
 )
 
 
-# -- running on several cores (README: python -m pytest -n auto --dist loadgroup) ----------------------
-
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: a worker per core, at most 4 and one per 6 GB of memory (a worker holds torch and the
-    models it converted: near 6 GB at its peak). PYTEST_XDIST_AUTO_NUM_WORKERS overrides it, as in pytest-xdist."""
-    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return max(1, min(len(os.sched_getaffinity(0)), 4, int(memory_gb // 6)))
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Keep a costly shared fixture to one worker under ``--dist loadgroup``: the tests that use the SmolLM2
-    bundles (converted once per session, minutes each) run in one worker (those of the .tflite in another),
-    and the tests of a module that share a module-scoped fixture (a bundle converted for that module) run
-    together. Other tests spread one by one. Without xdist the marks change nothing."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs if info is not None else {}
-        if "smollm2_bundles" in item.fixturenames:  # the .tflite, which no other test needs, on its own
-            fmt = getattr(item, "callspec", None) and item.callspec.params.get("fmt")
-            group = "smollm2-tflite" if fmt == "tflite" else "smollm2"
-        elif any(d[-1].scope == "module" for d in defs.values()):
-            group = item.module.__name__
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def tiny_source():
     from edgelm.converters.sources import load_source

@@ -192,7 +192,8 @@ def test_chat_command_on_a_terminal(tiny_pte):
 
     pid, master = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal
-        # as from a shell: Ctrl-C interrupts (a pytest-xdist worker ignores or blocks SIGINT; exec keeps both)
+        # as from a shell: Ctrl-C interrupts, whatever the test process did with SIGINT (exec keeps an ignored
+        # or blocked signal so)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, "-m", "edgelm.cli", "chat", str(tiny_pte), "-n", "5"])

@@ -184,23 +184,24 @@ ALL_FORMATS = ("pte", "onnx", "tflite")
 
 
 # Every format for each new kind of graph; ONNX alone (the quickest) for families whose graph is one of
-# those with other weights (Granite and GLM are Llamas once folded) or other settings of the same ops.
+# those with other weights (Granite and GLM are Llamas once folded) or other settings of the same ops
+# (Phi: Pythia's parallel block with one norm for both branches).
 @pytest.mark.parametrize("arch,formats", [
     *(pytest.param(arch, ALL_FORMATS, id=arch) for arch in ("gpt2", "qwen3", "gemma3", "phi3", "gemma2", "smollm3",
-                                                            "phi", "gpt_neox", "olmo2", "hunyuan", "lfm2")),
+                                                            "gpt_neox", "olmo2", "hunyuan", "lfm2")),
     *(pytest.param(arch, ("onnx",), id=arch) for arch in ("granite", "glm", "stablelm", "opt", "exaone4", "gemma",
-                                                          "olmo3")),
+                                                          "olmo3", "phi")),
 ])
 def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
     """GPT-2 (learned positions, LayerNorm, GELU MLP, Conv1D weights), Qwen3 (an RMSNorm per query and key
     head), Gemma 3 (sandwich norms, GeGLU, two rotary bases, a 12-token sliding window on the local layers),
     Phi-4-mini's shape (partial rotary, LongRoPE), Gemma 2 (soft-capped scores and logits), SmolLM3 (layers
-    without RoPE), Phi-2's and Pythia's (parallel attention and MLP), OLMo 2 (norms after attention and MLP
-    only, q/k norms over all heads), Hunyuan (q/k norms after RoPE), LFM2 (short-convolution layers); and in
-    ONNX Granite (multipliers), GLM-Edge's shape (interleaved partial RoPE), StableLM 2's (LayerNorm, partial
-    RoPE), OPT (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE), Gemma 1 (exact GELU) and
-    OLMo 3 (a window, a RoPE per layer type) from transformers folders: each bundle generates transformers' own
-    greedy tokens."""
+    without RoPE), Pythia's (parallel attention and MLP), OLMo 2 (norms after attention and MLP only, q/k norms
+    over all heads), Hunyuan (q/k norms after RoPE), LFM2 (short-convolution layers); and in ONNX Granite
+    (multipliers), GLM-Edge's shape (interleaved partial RoPE), StableLM 2's (LayerNorm, partial RoPE), OPT
+    (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE), Gemma 1 (exact GELU), Phi-2's (Pythia's
+    block, one shared norm) and OLMo 3 (a window, a RoPE per layer type) from transformers folders: each bundle
+    generates transformers' own greedy tokens."""
     import torch
     import transformers
     from tokenizers import Tokenizer
