@@ -39,6 +39,9 @@ from torch import nn
 from edgelm.config import ModelConfig
 
 ATTENTION_IMPLS = ("plain", "executorch")
+#: KV cache element types. ``int8`` (ExecuTorch only) stores each cached row of a head as int8 codes
+#: with its own scale and zero point, and attends with ``llama::custom_quantized_sdpa``.
+KV_CACHE_DTYPES = ("fp32", "int8")
 
 
 #: RoPE scaling types the canonical decoder computes as transformers does. ``dynamic`` (NTK) only
@@ -246,17 +249,35 @@ class Attention(nn.Module):
         self.window = cfg.window(layer)  # sliding-window layers attend to the last `window` positions
         self.softcap = cfg.attn_softcap  # Gemma 2: scores capped by cap * tanh(score / cap)
         self.impl = "plain"
-        self.stateful = False
+        self.stateful = self.kv_int8 = False
+        # int8 cache: attend over the codes with llama::custom_quantized_sdpa (True), or dequantize the filled
+        # rows and use llama::custom_sdpa (False: the pte's prefill, where the quantized kernel ran 6x slower)
+        self.int8_sdpa = True
 
-    def init_cache(self, impl: str) -> None:
-        """Allocate the stateful cache buffers for ``impl`` (layout depends on the kernel)."""
-        self.impl, self.stateful = impl, True
+    def init_cache(self, impl: str, kv_cache: str = "fp32") -> None:
+        """Allocate the stateful cache buffers for ``impl`` (layout depends on the kernel) holding
+        ``kv_cache`` elements (see :data:`KV_CACHE_DTYPES`)."""
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown KV cache type {kv_cache!r}; known: {KV_CACHE_DTYPES}")
+        if kv_cache == "int8" and impl != "executorch":
+            raise ValueError("an int8 KV cache needs the executorch attention impl")
+        self.impl, self.stateful, self.kv_int8 = impl, True, kv_cache == "int8"
         if impl == "executorch":  # llama::update_cache wants [B, T, H, D]
             shape = (1, self.max_context, self.n_kv, self.hd)
         else:
             shape = (1, self.n_kv, self.max_context, self.hd)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+        dtype = torch.int8 if self.kv_int8 else torch.float32
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        if self.kv_int8:  # a scale and a zero point per cached row of a head, [B, T, H, 1]
+            rows = (*shape[:-1], 1)
+            for name in ("k", "v"):
+                self.register_buffer(f"{name}_scales", torch.ones(rows), persistent=False)
+                self.register_buffer(f"{name}_zeros", torch.zeros(rows, dtype=torch.int8), persistent=False)
+
+    def _int8_caches(self) -> tuple[torch.Tensor, ...]:
+        """The int8 cache's six buffers: K codes, scales, zero points, then V's."""
+        return self.k_cache, self.k_scales, self.k_zeros, self.v_cache, self.v_scales, self.v_zeros
 
     def _qkv(self, x, cos, sin, rot):
         b = x.shape[0]  # -1 for the sequence axis: XNNPACK reshapes with one inferred dim, not a symbolic one
@@ -294,16 +315,15 @@ class Attention(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, KV, g*S, D]
         return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
-    def _attend_capped(self, q, mask):
+    def _attend_capped(self, q, keys, values, mask):
         """The executorch layout's attention with soft-capped scores, over the cache's filled rows
-        ``[0, n)`` (``mask``: [S, n]). q: [B, S, H, D]; the cache is [B, T, KV, D]. Each KV head is
-        repeated for its query heads: folding them into the rows as :meth:`_attend` does makes
+        ``[0, n)`` (``mask``: [S, n]). q: [B, S, H, D]; keys/values: those rows, [B, n, KV, D]. Each KV
+        head is repeated for its query heads: folding them into the rows as :meth:`_attend` does makes
         torch.export guard on the symbolic length."""
         b, s, h, d = q.shape
-        n = mask.shape[1]
         g = h // self.n_kv
-        keys = self.k_cache.narrow(1, 0, n).repeat_interleave(g, dim=2).transpose(1, 2)  # [B, H, n, D]
-        values = self.v_cache.narrow(1, 0, n).repeat_interleave(g, dim=2).transpose(1, 2)
+        keys = keys.repeat_interleave(g, dim=2).transpose(1, 2)  # [B, H, n, D]
+        values = values.repeat_interleave(g, dim=2).transpose(1, 2)
         scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
         scores = soft_cap(scores, self.softcap) + mask
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, H, S, D]
@@ -311,11 +331,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
         q, k, v = self._qkv(x, cos, sin, rot)
+        if self.impl == "executorch" and self.kv_int8:
+            return self.wo(self._executorch_int8(q, k, v, mask, start_pos).reshape(x.shape[0], -1,
+                                                                                  self.n_heads * self.hd)), None
         if self.impl == "executorch":
             torch.ops.llama.update_cache(k, self.k_cache, start_pos)
             torch.ops.llama.update_cache(v, self.v_cache, start_pos)
             if self.softcap:  # custom_sdpa cannot cap scores: attend over the filled rows [0, n) under the mask
-                return self.wo(self._attend_capped(q, mask)), None
+                n = mask.shape[1]
+                return self.wo(self._attend_capped(q, self.k_cache.narrow(1, 0, n), self.v_cache.narrow(1, 0, n),
+                                                   mask)), None
             if mask is None:  # causal over [0, start_pos + S)
                 out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
             else:  # a sliding window: the kernel takes a mask over the filled rows [0, start_pos + S) instead
@@ -334,6 +359,46 @@ class Attention(nn.Module):
             keys = torch.cat((cache[0].narrow(2, 0, start_pos), k), dim=2)
             values = torch.cat((cache[1].narrow(2, 0, start_pos), v), dim=2)
         return self.wo(self._attend(q, keys, values, mask)), (k, v)
+
+    def _executorch_int8(self, q, k, v, mask, start_pos):
+        """Attention over an int8 cache, as ExecuTorch's own ``QuantizedKVCache`` and ``QuantizedSDPA`` do it:
+        the new K/V rows are quantized per position and head (asymmetric, 8 bits) and written with their scales
+        and zero points; the query is quantized the same way and ``llama::custom_quantized_sdpa`` attends over
+        the codes. Returns [B, S, H, D]."""
+        caches = self._int8_caches()
+        for new, cache in zip((*quantize_rows(k), *quantize_rows(v)), caches, strict=True):
+            torch.ops.llama.update_cache(new, cache, start_pos)
+        if mask is not None:  # a sliding window or capped scores: the filled rows [0, n) under the mask
+            caches = tuple(c.narrow(1, 0, mask.shape[1]) for c in caches)
+        if self.softcap:  # the kernel cannot cap scores: dequantize the filled rows and attend here
+            keys, values = dequantize_rows(*caches[:3]), dequantize_rows(*caches[3:])
+            return self._attend_capped(q, keys, values, mask).view(q.shape)
+        if not self.int8_sdpa:  # the filled rows [0, start_pos + S), dequantized, through the fp32 kernel
+            if mask is None:
+                caches = tuple(c.narrow(1, 0, start_pos + q.shape[1]) for c in caches)
+            keys, values = dequantize_rows(*caches[:3]), dequantize_rows(*caches[3:])
+            if mask is None:
+                return torch.ops.llama.custom_sdpa(q, keys, values, start_pos, None, 0, True)
+            return torch.ops.llama.custom_sdpa(q, keys, values, 0, mask, 0, False)
+        kc, ks, kz, vc, vs, vz = caches
+        qc, qs, qz = quantize_rows(q)
+        if mask is None:  # causal over [0, start_pos + S)
+            return torch.ops.llama.custom_quantized_sdpa(qc, kc, vc, start_pos, None, 0, True, None,
+                                                         qz, qs, kz, ks, vz, vs)
+        return torch.ops.llama.custom_quantized_sdpa(qc, kc, vc, 0, mask, 0, False, None, qz, qs, kz, ks, vz, vs)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 codes of ``x`` [..., D], with an fp32 scale and an int8 zero point per row [..., 1] (asymmetric:
+    each row's min and max map to -128 and 127)."""
+    scales, zeros = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+    codes = torch.ops.quantized_decomposed.quantize_per_token(x, scales, zeros, -128, 127, torch.int8)
+    return codes, scales.to(torch.float32), zeros.to(torch.int8)
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The fp32 rows that :func:`quantize_rows` coded."""
+    return (codes.to(torch.float32) - zeros.to(torch.float32)) * scales
 
 
 class ShortConv(nn.Module):
@@ -359,7 +424,9 @@ class ShortConv(nn.Module):
         self.impl = "plain"
         self.stateful = False
 
-    init_cache = Attention.init_cache
+    def init_cache(self, impl: str, kv_cache: str = "fp32") -> None:
+        """The convolution's rows stay fp32 whatever ``kv_cache`` says: they feed a sum, not a softmax."""
+        Attention.init_cache(self, impl)
 
     def gate_and_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """C and B * X of ``x`` [B, S, dim]: the output gate and what is cached and convolved."""
@@ -525,15 +592,18 @@ class Decoder(nn.Module):
         self.impl = "plain"
         self.stateful = False
 
-    def make_stateful(self, impl: str = "plain") -> Decoder:
-        """Give every layer an in-place KV cache; ``impl`` picks the attention kernel."""
+    def make_stateful(self, impl: str = "plain", kv_cache: str = "fp32") -> Decoder:
+        """Give every layer an in-place KV cache; ``impl`` picks the attention kernel, ``kv_cache`` the
+        attention layers' cache elements (``int8``: executorch only)."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention impl {impl!r}; known: {ATTENTION_IMPLS}")
         if impl == "executorch":
             from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama:: ops
+        if kv_cache == "int8":
+            from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401  per-token ops
         self.impl, self.stateful = impl, True
         for block in self.layers:
-            block.attn.init_cache(impl)
+            block.attn.init_cache(impl, kv_cache)
         return self
 
     def reset_cache(self) -> None:

@@ -47,6 +47,7 @@ class ConvertOptions:
     scheme: str = "fp32"
     group_size: int = 32
     max_context: int | None = None
+    kv_cache: str = "fp32"  # the KV cache's elements: fp32, or int8 (pte only)
     max_prefill: int = 512
     prefill_lengths: tuple[int, ...] = ()
     target: Any = None  # an edgelm.targets.Profile
@@ -106,10 +107,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _lossy(opts: ConvertOptions) -> bool:
+    """Whether the artifact is meant to differ from fp32: quantized weights or an int8 KV cache."""
+    return opts.scheme != "fp32" or opts.kv_cache != "fp32"
+
+
 def _quality_gate(opts: ConvertOptions) -> tuple[ParityGate, QualityGate]:
-    """Gates for this scheme: strict parity for fp32; for quantized artifacts a top-1 floor on
-    the parity prompts and the held-out quality gate instead of a logit-error bound."""
-    quantized = opts.scheme != "fp32"
+    """Gates for this scheme: strict parity for fp32; for quantized artifacts (weights or KV cache) a
+    top-1 floor on the parity prompts and the held-out quality gate instead of a logit-error bound."""
+    quantized = _lossy(opts)
     top1 = opts.min_top1 if opts.min_top1 is not None else (QualityGate.min_top1 if quantized else 0.98)
     err = opts.max_logit_error if opts.max_logit_error is not None else (float("inf") if quantized else 0.05)
     return ParityGate(max_abs_err=err, min_top1=top1), QualityGate(min_top1=top1,
@@ -123,8 +129,8 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
     format under ``opts.out`` (``OUT/pte``, ``OUT/onnx``, ``OUT/tflite``).
     """
     formats = list(FORMATS) if opts.format == "all" else [opts.format]
-    for fmt in formats:  # an unknown format or a scheme a format cannot do fails before any heavy work
-        get_lowering(fmt, opts.scheme)
+    for fmt in formats:  # an unknown format, or a scheme or cache a format cannot do, fails before any heavy work
+        get_lowering(fmt, opts.scheme, opts.kv_cache)
         if opts.smooth and fmt not in SMOOTH_FORMATS:
             raise FormatError(f"--smooth is built for {' and '.join(SMOOTH_FORMATS)} (XNNPACK's int8 activations, one "
                               f"scale per row), not {fmt}")
@@ -147,7 +153,7 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
 
                 for fmt in formats:  # each runtime keeps its own copies of the weights
                     check_memory(opts.target, source.config, opts.scheme, source.config.max_context, fmt,
-                                 opts.prefill_lengths)
+                                 opts.prefill_lengths, kv_cache=opts.kv_cache)
         if compressing:  # compression (issue 5): a smaller plain model, lowered like any other
             from edgelm.converters.compress.recipe import compress_source
 
@@ -193,11 +199,13 @@ def _convert_one(opts: ConvertOptions, fmt: str, out: Path, source, model, quant
                                         opts.calib_windows)
         model_file = f"model{ext}"
         label = fmt if not quant.quantized else f"{fmt} ({opts.scheme})"
+        if opts.kv_cache != "fp32":
+            label += f", {opts.kv_cache} KV cache"
         with steps.step(f"lowering to {label}"), quiet_native_stderr(quiet):
             try:
                 lowered = lower(model, writer.path(model_file), LowerOptions(
                     max_prefill=opts.max_prefill, prefill_lengths=tuple(opts.prefill_lengths), threads=opts.threads,
-                    quant=quant, calibration=calibration))
+                    quant=quant, calibration=calibration, kv_cache=opts.kv_cache))
             except EdgeLMError:
                 raise
             except Exception as e:  # exporters raise anything; keep the message, drop the traceback
@@ -219,7 +227,7 @@ def _convert_one(opts: ConvertOptions, fmt: str, out: Path, source, model, quant
                 parity = check_parity(model, engine, steps=opts.verify_steps, gate=parity_gate)
             manifest.verification["parity"] = parity
             report["parity"] = parity
-            evaluate = opts.evaluate if opts.evaluate is not None else quant.quantized
+            evaluate = opts.evaluate if opts.evaluate is not None else _lossy(opts)
             with steps.step(f"measuring {fmt} quality on held-out text" if evaluate else "quality check skipped"):
                 if evaluate:
                     quality = quality_report(model, engine, load_texts(opts.eval, "eval"),

@@ -47,8 +47,15 @@ def _compressed_label(source: dict[str, Any]) -> str:
     return f" (compressed to {ratio:.0%} of the parameters)" if ratio and ratio < 1 else ""
 
 
+def _kv_label(manifest) -> str:
+    """``, int8 KV cache`` for a bundle whose cache is not fp32, else ``""``."""
+    kv = manifest.io.get("kv_cache_dtype", "fp32")
+    return "" if kv == "fp32" else f", {kv} KV cache"
+
+
 def _bundle_label(manifest) -> str:
-    return f"edgelm {manifest.format} {manifest.scheme}" + _int4_label(manifest) + _compressed_label(manifest.source)
+    return (f"edgelm {manifest.format} {manifest.scheme}" + _int4_label(manifest) + _kv_label(manifest)
+            + _compressed_label(manifest.source))
 
 
 def _model_bytes(manifest) -> int:

@@ -125,6 +125,9 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Held-out quality report (top-1, KL, perplexity). Default: on for quantized schemes.")
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
               help="KV-cache length fixed at export (default: the model's, capped at 2048).")
+@click.option("--kv-cache", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="KV cache elements. int8 (pte only): 3.7x less cache memory, attention over int8 codes; "
+                   "judged by the quality gates like a quantized scheme.")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
               help="Longest prompt chunk one prefill call takes; longer prompts are chunked.")
 @click.option("--prefill-lengths", callback=_lengths, default=None,
@@ -144,7 +147,7 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
             group_size: int, embedding: str, lm_head: str, int4_symmetric: bool, smooth: float | None,
             calib: str | None,
             eval_text: str | None,
-            eval_windows: int, evaluate: bool | None, max_context: int | None, max_prefill: int,
+            eval_windows: int, evaluate: bool | None, max_context: int | None, kv_cache: str, max_prefill: int,
             prefill_lengths: tuple[int, ...] | None, threads: int | None, force: bool, no_verify: bool,
             max_logit_error: float | None, min_top1: float | None, max_ppl_increase: float,
             **compress_params) -> None:
@@ -178,7 +181,7 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
         settings = apply_profile(profile, format=typed("fmt"), scheme=typed("scheme"),
                                  group_size=typed("group_size"), max_context=typed("max_context"),
                                  max_prefill=typed("max_prefill"), prefill_lengths=prefill_lengths)
-    opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify,
+    opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify, kv_cache=kv_cache,
                           embedding=embedding, lm_head=lm_head, int4_symmetric=int4_symmetric, smooth=smooth,
                           calib=calib,
                           eval=eval_text,
@@ -276,15 +279,18 @@ def compress(source: str | None, out: Path, max_context: int | None, eval_text: 
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
               help="Held-out text (file or folder); default: the built-in set.")
 @click.option("--eval-windows", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--window", type=click.IntRange(2), default=128, show_default=True,
+              help="Tokens per window, each run from position 0 (at most the bundle's context). Long windows "
+                   "measure quality deep into the context, where an int8 KV cache holds many rows.")
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--update", is_flag=True, help="Write the new numbers into the bundle's manifest.")
-def evaluate(bundle: Path, source: str | None, eval_text: str | None, eval_windows: int, threads: int | None,
-             update: bool) -> None:
+def evaluate(bundle: Path, source: str | None, eval_text: str | None, eval_windows: int, window: int,
+             threads: int | None, update: bool) -> None:
     """Re-measure BUNDLE's quality (top-1, KL, perplexity) against its fp32 source, in its own runtime."""
     from edgelm.converters.reevaluate import reevaluate
 
     q = reevaluate(bundle, source=source, eval_text=eval_text, eval_windows=eval_windows, threads=threads,
-                   update=update)
+                   update=update, seq_len=window)
     click.echo(f"{bundle}: top-1 {q['top1_agreement']:.3f}, KL {q['mean_kl']:.4f}, perplexity "
                f"{q['perplexity']:.3f} vs fp32 {q['perplexity_fp32']:.3f} ({q['perplexity_increase']:+.1%}) "
                f"over {q['tokens']} tokens")
@@ -502,6 +508,11 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
         slide = cfg.n_layers if cfg.local_layers is None else len(cfg.local_layers)
         window = f" (sliding window of {cfg.sliding_window} in {slide} of {cfg.n_layers} layers)"
     click.echo(f"context     {m.max_context} tokens{window}; chat template: {'yes' if m.chat_template else 'no'}")
+    from edgelm.targets import kv_cache_bytes
+
+    kv = m.io.get("kv_cache_dtype", "fp32")
+    click.echo(f"kv cache    {kv}, {kv_cache_bytes(cfg, m.max_context, kv_cache=kv) / 1e6:.1f} MB "
+               f"for {m.max_context} positions")
     verify = int(m.io.get("max_verify", 0))
     click.echo("decoding    " + (f"up to {verify} tokens checked per call: a target for --draft and --lookup"
                                  if verify >= 2 else "one token per call: not a target for --draft or --lookup"

@@ -490,6 +490,7 @@ RUNTIME_BASE_BYTES = {"pte": 384 * MB, "onnx": 80 * MB, "tflite": 64 * MB}
 PTE_PACKED_SHARE = {"fp32": 0.6, "quantized": 0.3}
 ONNX_PREPACKED_SHARE = {"fp32": 0.5, "quantized": 0.0}
 SCALE_BYTES = 4  # one fp32 scale per output channel (8-bit) or per group (4-bit)
+KV_CACHES = ("fp32", "int8")  # KV cache element types (converters.model.KV_CACHE_DTYPES)
 _WEIGHT_BITS = {"fp32": 32, "w8": 8, "w8a8": 8, "w8a8-static": 8, "w4a8": 4}
 _SMALLER = ("w8a8", "w4a8")  # smaller weights, in the order to try (w8 and w8a8-static weigh what w8a8 does)
 
@@ -511,6 +512,7 @@ class MemoryEstimate:
     budget_bytes: int
     memory_mb: int
     usable_fraction: float
+    kv_cache: str = "fp32"  # the KV cache's element type
 
     @property
     def total_bytes(self) -> int:
@@ -528,7 +530,8 @@ class MemoryEstimate:
     def summary(self) -> str:
         return (f"{self.parameters / 1e6:.1f} M parameters at {self.scheme} with max_context {self.max_context} "
                 f"need ~{_mb(self.total_bytes)} as {self.format} (weights {_mb(self.weights_bytes)}, the "
-                f"runtime's copies of them {_mb(self.copies_bytes)}, KV cache {_mb(self.kv_cache_bytes)}, "
+                f"runtime's copies of them {_mb(self.copies_bytes)}, "
+                f"{self.kv_cache} KV cache {_mb(self.kv_cache_bytes)}, "
                 f"activations {_mb(self.activations_bytes)}, runtime {_mb(self.runtime_bytes)}); {self.target} "
                 f"allows {_mb(self.budget_bytes)} ({self.usable_fraction:.0%} of {self.memory_mb} MB)")
 
@@ -619,12 +622,18 @@ def _tflite_copies(w: int, fp32: int, scheme: str, signatures: int) -> int:
 _WEIGHT_COPIES = {"pte": _pte_copies, "onnx": _onnx_copies, "tflite": _tflite_copies}
 
 
-def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1) -> int:
-    """fp32 K and V caches of every layer, ``max_context`` positions long (the cache is static).
+def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1, kv_cache: str = "fp32") -> int:
+    """K and V caches of every layer, ``max_context`` positions long (the cache is static).
 
+    ``kv_cache``: ``fp32`` (4 B an element) or ``int8`` (1 B an element, plus an fp32 scale and an int8
+    zero point per position and head). A convolution layer's cache (LFM2) is fp32 either way.
     ``copies``: a tflite bundle keeps one per signature, since each signature's cache inputs are
     its own tensors (the backend brings a prefill signature's copy up to date when it runs)."""
-    return 2 * sum(kv * cfg.head_dim for kv in cfg.n_kv_heads) * max_context * 4 * copies
+    if kv_cache not in KV_CACHES:
+        raise TargetError(f"unknown KV cache type {kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
+    row = {"fp32": 4 * cfg.head_dim, "int8": cfg.head_dim + 5}
+    per_position = sum(kv * row["fp32" if cfg.is_conv(i) else kv_cache] for i, kv in enumerate(cfg.n_kv_heads))
+    return 2 * per_position * max_context * copies
 
 
 def activations_bytes(cfg: ModelConfig, max_context: int, max_prefill: int) -> int:
@@ -637,9 +646,10 @@ def activations_bytes(cfg: ModelConfig, max_context: int, max_prefill: int) -> i
 
 def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | None = None,
                     max_context: int | None = None, fmt: str | None = None,
-                    prefill_lengths: tuple[int, ...] | list[int] | None = None) -> MemoryEstimate:
+                    prefill_lengths: tuple[int, ...] | list[int] | None = None,
+                    kv_cache: str = "fp32") -> MemoryEstimate:
     """What ``model_config`` needs on ``profile``'s device (defaults: the profile's preferred format,
-    scheme, max_context and prefill lengths)."""
+    scheme, max_context and prefill lengths; an fp32 KV cache)."""
     scheme = scheme or profile.convert.scheme
     fmt = fmt or profile.format
     max_context = profile.convert.max_context if max_context is None else max_context
@@ -656,12 +666,12 @@ def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | N
     return MemoryEstimate(
         target=profile.name, format=fmt, scheme=scheme, max_context=max_context,
         parameters=model_config.num_parameters(), weights_bytes=weights_bytes(model_config, scheme, group),
-        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1),
+        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1, kv_cache),
         activations_bytes=activations_bytes(model_config, max_context, max_prefill),
         runtime_bytes=RUNTIME_BASE_BYTES[fmt],
         copies_bytes=weight_copies_bytes(model_config, fmt, scheme, group, signatures),
         budget_bytes=profile.device.budget_bytes, memory_mb=profile.device.memory_mb,
-        usable_fraction=profile.device.usable_fraction,
+        usable_fraction=profile.device.usable_fraction, kv_cache=kv_cache,
     )
 
 
@@ -709,22 +719,25 @@ def _params(n: int) -> str:
 
 def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None = None,
                  max_context: int | None = None, fmt: str | None = None,
-                 prefill_lengths: tuple[int, ...] | list[int] | None = None) -> MemoryEstimate:
+                 prefill_lengths: tuple[int, ...] | list[int] | None = None,
+                 kv_cache: str = "fp32") -> MemoryEstimate:
     """Estimate what the model needs on the device and raise :class:`TargetError` if it does not fit.
 
     Budget: ``device.memory_mb * device.usable_fraction``. Need: weights (see
     :func:`weights_bytes`) + the runtime's copies of them (:func:`weight_copies_bytes`, by format)
-    + fp32 KV cache (``2 * sum(n_kv_heads * head_dim) * max_context * 4``) + activations of one
-    prefill chunk + the runtime process (``RUNTIME_BASE_BYTES``, by format). The error says what
-    would fit: the largest max_context, a smaller scheme, another of the profile's formats, or the
-    parameter count to prune to.
+    + the KV cache (:func:`kv_cache_bytes`; fp32: ``2 * sum(n_kv_heads * head_dim) * max_context * 4``)
+    + activations of one prefill chunk + the runtime process (``RUNTIME_BASE_BYTES``, by format). The
+    error says what would fit: the largest max_context, an int8 KV cache (pte), a smaller scheme,
+    another of the profile's formats, or the parameter count to prune to.
     """
-    est = estimate_memory(profile, model_config, scheme, max_context, fmt, prefill_lengths)
+    est = estimate_memory(profile, model_config, scheme, max_context, fmt, prefill_lengths, kv_cache)
     if est.fits:
         return est
 
-    def at(scheme: str = est.scheme, ctx: int = est.max_context, fmt: str = est.format) -> MemoryEstimate:
-        return estimate_memory(profile, model_config, scheme, ctx, fmt, prefill_lengths)
+    def at(scheme: str = est.scheme, ctx: int = est.max_context, fmt: str = est.format,
+           kv: str = est.kv_cache) -> MemoryEstimate:
+        kv = kv if fmt == "pte" else "fp32"  # only a .pte holds an int8 cache
+        return estimate_memory(profile, model_config, scheme, ctx, fmt, prefill_lengths, kv)
 
     ideas = []
     ctx = _largest_context(at, est.scheme, est.max_context)
@@ -733,6 +746,8 @@ def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None
     else:
         fixed = est.weights_bytes + est.copies_bytes + est.runtime_bytes
         ideas.append(f"no --max-context helps at {est.scheme} (weights and runtime alone need ~{_mb(fixed)})")
+    if est.format == "pte" and est.kv_cache == "fp32" and at(kv="int8").fits:
+        ideas.append(f"--kv-cache int8 (needs ~{_mb(at(kv='int8').total_bytes)})")
     smaller = [s for s in _SMALLER if s != est.scheme and s in FORMAT_SCHEMES[est.format]
                and at(scheme=s).total_bytes < est.total_bytes]
     whole = [s for s in smaller if at(scheme=s).fits]

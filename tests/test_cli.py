@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -376,3 +377,46 @@ def test_int4_symmetric_flag_reaches_the_lowering(tmp_path):
     m = json.loads(edgelm("inspect", out, "--json", check=True).stdout)
     assert m["io"]["quantization"]["int4_symmetric"] is True
     assert m["verification"]["lowering"]["quantization"]["zero_point"] == "symmetric"
+
+
+def _planned_cache_bytes(pte) -> int:
+    """The bytes a .pte plans for its mutable buffers (the KV cache), shared by its methods: read from the
+    program itself (ExecuTorch's own deserializer), not from edgelm's manifest."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    plan = {p.name: p.non_const_buffer_sizes for p in getattr(program, "program", program).execution_plan}
+    assert plan["prefill"][-1] == plan["decode"][-1]  # one shared buffer: the mutable ones
+    return plan["decode"][-1]
+
+
+def test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere(tiny_pte, tmp_path):
+    """--kv-cache int8: the .pte plans an int8 cache of the size edgelm estimates (3x smaller than fp32 here),
+    the conversion is judged like a quantized one, and inspect and run work. ONNX and TFLite refuse it before
+    any work."""
+    from edgelm.bundle import load_manifest
+    from edgelm.targets import kv_cache_bytes
+
+    out = tmp_path / "kv8"
+    edgelm("convert", "builtin:tiny", "-o", out, "--kv-cache", "int8", "--eval-windows", "2", check=True)
+    _, m = load_manifest(out)
+    assert m.io["kv_cache_dtype"] == "int8"
+    parity, quality = m.verification["parity"], m.verification["quality"]
+    assert parity["passed"] and quality["passed"] and quality["top1_agreement"] >= 0.9
+    assert parity["max_abs_err"] > 1e-3  # the int8 cache is in use (the fp32 pte is within ~1e-5)
+    cfg, ctx = m.model, m.max_context
+    int8, fp32 = kv_cache_bytes(cfg, ctx, kv_cache="int8"), kv_cache_bytes(cfg, ctx)
+    assert _planned_cache_bytes(out / "model.pte") == int8
+    assert _planned_cache_bytes(tiny_pte / "model.pte") == fp32 > 3 * int8
+    assert f"kv cache    int8, {int8 / 1e6:.1f} MB for {ctx} positions" in edgelm("inspect", out, check=True).stdout
+    assert edgelm("run", out, "hello", "-n", "8", check=True).stdout.strip()
+    bench = json.loads(edgelm("bench", out, "--runs", "1", "--warmup", "0", "-n", "4", "--json", "-",
+                              check=True).stdout)
+    assert bench["rows"][0]["name"] == "edgelm pte fp32, int8 KV cache"
+    deep = edgelm("evaluate", out, "--window", "120", "--eval-windows", "1", check=True).stdout  # one long window
+    assert "over 120 tokens" in deep and float(re.search(r"top-1 ([\d.]+)", deep).group(1)) >= 0.9
+    for fmt in ("onnx", "tflite", "all"):
+        assert_clean_error(edgelm("convert", "builtin:tiny", "-f", fmt, "--kv-cache", "int8", "-o", tmp_path / fmt),
+                           "cannot hold an int8 KV cache", "built for pte")
+        assert not (tmp_path / fmt).exists()
+

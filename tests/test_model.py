@@ -148,6 +148,47 @@ def test_lfm2_convolution_layers_match_transformers(conv_bias):
             pos += n
 
 
+@pytest.mark.parametrize("variant", ["plain", "sliding window", "soft cap", "lfm2"])
+def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
+    """An int8 KV cache (ExecuTorch's quantized attention kernel, or, as the pte's prefill does it, the filled
+    rows dequantized for the fp32 kernel; for Gemma 2's capped scores, rows dequantized here). In the first
+    layer, whose input is the fp32 model's, each cached row decodes back to the fp32 row within half a step of
+    its own scale; the logits, through chunked prefill and decoding, stay within 5% of fp32's and keep their
+    argmax. A convolution layer's cache stays fp32."""
+    from edgelm.converters.model import dequantize_rows
+
+    if variant == "lfm2":
+        _, model = _hf_pair("lfm2", layer_types=["full_attention", "conv", "full_attention"], num_hidden_layers=3)
+        cfg, sd = model.cfg, model.state_dict()
+    else:
+        extra = {"sliding window": {"sliding_window": 8, "local_layers": [0]}, "soft cap": {"attn_softcap": 30.0}}
+        cfg = ModelConfig.from_dict({**tiny_source.config.to_dict(), **extra.get(variant, {})})
+        sd = tiny_source.state_dict
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for kv in ("fp32", "int8", "int8 dequantized"):
+        runs[kv] = build_decoder(cfg, sd).make_stateful("executorch", kv.split()[0])
+        runs[kv].full_logits = True
+        for block in runs[kv].layers:  # the pte's prefill: the filled rows dequantized, the fp32 kernel
+            block.attn.int8_sdpa = kv == "int8"
+    ref, got, dequantized = (_run_stateful(runs[kv], ids, [17, 1, 1, 21]) for kv in runs)
+    assert (ref - dequantized).abs().max() < 0.05 * ref.abs().max()
+    assert (ref.argmax(-1) == dequantized.argmax(-1)).float().mean() >= 0.95
+    fp32, int8 = runs["fp32"].layers, runs["int8"].layers
+    attn = [i for i in range(cfg.n_layers) if not cfg.is_conv(i)]
+    assert [int8[i].attn.k_cache.dtype for i in range(cfg.n_layers)] == [
+        torch.float32 if cfg.is_conv(i) else torch.int8 for i in range(cfg.n_layers)]
+    first = int8[attn[0]].attn
+    for codes, scales, zeros, rows in ((first.k_cache, first.k_scales, first.k_zeros, fp32[attn[0]].attn.k_cache),
+                                       (first.v_cache, first.v_scales, first.v_zeros, fp32[attn[0]].attn.v_cache)):
+        n = ids.shape[1]
+        err = (dequantize_rows(codes[:, :n], scales[:, :n], zeros[:, :n]) - rows[:, :n]).abs()
+        assert (err <= scales[:, :n] * 0.51 + 1e-6).all()
+        assert err.max() > 0  # the rows are quantized, not kept
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95  # random weights: near ties may flip
+    assert (ref - got).abs().max() < 0.05 * ref.abs().max()
+
+
 def test_lfm2_refusals():
     import transformers
 

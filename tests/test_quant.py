@@ -225,8 +225,8 @@ def test_a_failed_format_all_leaves_no_empty_output(tmp_path, monkeypatch):
 
     real = pipeline.get_lowering
 
-    def failing(fmt, scheme):
-        ext, lower = real(fmt, scheme)
+    def failing(fmt, scheme, kv_cache=None):
+        ext, lower = real(fmt, scheme, kv_cache)
 
         def lower_or_fail(model, out, opts):
             if fmt == "pte":

@@ -5,6 +5,7 @@ Pure Python and fast: no torch, no model files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import textwrap
@@ -23,6 +24,7 @@ from edgelm.targets import (
     apply_profile,
     check_memory,
     estimate_memory,
+    kv_cache_bytes,
     list_profiles,
     load_profile,
     profile_from_dict,
@@ -363,6 +365,28 @@ def test_suggested_context_and_scheme_do_fit():
     check_memory(p, one_b, "w8a8", ctx)
     with pytest.raises(TargetError):
         check_memory(p, one_b, "w8a8", ctx + 16)
+
+
+def test_an_int8_kv_cache_is_counted_and_suggested_for_pte():
+    p = load_profile("raspberry-pi-4")
+    one_b = ModelConfig(arch="llama", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        ffn_dim=8192, head_dim=64, tie_embeddings=True)
+    # an int8 row of a head: 64 codes, an fp32 scale and an int8 zero point (the .pte's own plan: test_cli)
+    assert kv_cache_bytes(one_b, 1024, kv_cache="int8") == 2 * 16 * 8 * (64 + 5) * 1024
+    with pytest.raises(TargetError) as info:  # the fp32 cache (1 GB) is what does not fit at 16k positions
+        check_memory(p, one_b, "w8a8", 16384, "pte")
+    msg = str(info.value)
+    assert "fp32 KV cache 1,024 MB" in msg and "--kv-cache int8 (needs ~" in msg
+    est = check_memory(p, one_b, "w8a8", 16384, "pte", kv_cache="int8")
+    assert est.fits and est.kv_cache == "int8" and "int8 KV cache 276 MB" in est.summary()
+    with pytest.raises(TargetError) as info:  # only a .pte can hold one
+        check_memory(p, one_b, "w8a8", 16384, "onnx")
+    assert "--kv-cache" not in str(info.value)
+    lfm2 = dataclasses.replace(one_b, conv_layers=list(range(12)), conv_kernel=3, n_heads=[16] * 12 + [32] * 4,
+                               n_kv_heads=[16] * 12 + [8] * 4)  # a convolution layer's cache stays fp32
+    assert kv_cache_bytes(lfm2, 1024, kv_cache="int8") == 2 * (12 * 16 * 64 * 4 + 4 * 8 * (64 + 5)) * 1024
+    with pytest.raises(TargetError, match="unknown KV cache type 'int4'"):
+        kv_cache_bytes(one_b, 1024, kv_cache="int4")
 
 
 def test_each_format_keeps_its_own_copies_of_the_weights():

@@ -28,6 +28,7 @@ class LowerOptions:
     threads: int | None = None
     quant: QuantSpec = field(default_factory=QuantSpec)
     calibration: list[list[int]] | None = None  # token windows, for calibrated (static) schemes
+    kv_cache: str = "fp32"  # the KV cache's element type (converters.model.KV_CACHE_DTYPES)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,14 +43,17 @@ class Lowered:
 
 LowerFn = Callable[[Any, Path, LowerOptions], Lowered]
 _REGISTRY: dict[str, tuple[str, LowerFn, tuple[str, ...]]] = {}
+_KV_CACHES: dict[str, tuple[str, ...]] = {}
 
 
-def register_lowering(fmt: str, extension: str, schemes: tuple[str, ...] = ("fp32",)) -> Callable[[LowerFn], LowerFn]:
-    """Decorator: register ``fn(model, out_path, options) -> Lowered`` for ``fmt`` and the
-    quantization schemes it can do."""
+def register_lowering(fmt: str, extension: str, schemes: tuple[str, ...] = ("fp32",),
+                      kv_caches: tuple[str, ...] = ("fp32",)) -> Callable[[LowerFn], LowerFn]:
+    """Decorator: register ``fn(model, out_path, options) -> Lowered`` for ``fmt``, the
+    quantization schemes it can do and the KV cache element types it can hold."""
 
     def deco(fn: LowerFn) -> LowerFn:
         _REGISTRY[fmt] = (extension, fn, tuple(schemes))
+        _KV_CACHES[fmt] = tuple(kv_caches)
         return fn
 
     return deco
@@ -61,9 +65,9 @@ def supported_schemes(fmt: str) -> tuple[str, ...]:
     return _REGISTRY[fmt][2]
 
 
-def get_lowering(fmt: str, scheme: str | None = None) -> tuple[str, LowerFn]:
-    """(file extension, lowering function) for ``fmt``; a clear error for an unknown format or a
-    scheme the format cannot do."""
+def get_lowering(fmt: str, scheme: str | None = None, kv_cache: str | None = None) -> tuple[str, LowerFn]:
+    """(file extension, lowering function) for ``fmt``; a clear error for an unknown format, or a
+    scheme or KV cache type the format cannot do."""
     if fmt not in FORMATS:
         raise FormatError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt not in _REGISTRY:
@@ -76,4 +80,8 @@ def get_lowering(fmt: str, scheme: str | None = None) -> tuple[str, LowerFn]:
     ext, fn, schemes = _REGISTRY[fmt]
     if scheme is not None:
         check_scheme(fmt, scheme, schemes)
+    if kv_cache is not None and kv_cache not in _KV_CACHES[fmt]:
+        raise FormatError(f"the {fmt} format cannot hold an {kv_cache} KV cache (it keeps "
+                          f"{' or '.join(_KV_CACHES[fmt])}); an int8 KV cache is built for pte (ExecuTorch's "
+                          f"quantized attention kernel)")
     return ext, fn
