@@ -36,12 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgelm.config import ModelConfig
+from edgelm.config import KV_CACHE_DTYPES, ModelConfig
 
 ATTENTION_IMPLS = ("plain", "executorch")
-#: KV cache element types. ``int8`` (ExecuTorch only) stores each cached row of a head as int8 codes
-#: with its own scale and zero point, and attends with ``llama::custom_quantized_sdpa``.
-KV_CACHE_DTYPES = ("fp32", "int8")
 
 
 #: RoPE scaling types the canonical decoder computes as transformers does. ``dynamic`` (NTK) only
@@ -341,12 +338,10 @@ class Attention(nn.Module):
                 n = mask.shape[1]
                 return self.wo(self._attend_capped(q, self.k_cache.narrow(1, 0, n), self.v_cache.narrow(1, 0, n),
                                                    mask)), None
-            if mask is None:  # causal over [0, start_pos + S)
-                out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0, True)
-            else:  # a sliding window: the kernel takes a mask over the filled rows [0, start_pos + S) instead
-                n = mask.shape[1]
-                out = torch.ops.llama.custom_sdpa(q, self.k_cache.narrow(1, 0, n), self.v_cache.narrow(1, 0, n), 0,
-                                                  mask, 0, False)
+            keys, values = self.k_cache, self.v_cache
+            if mask is not None:  # a sliding window: the kernel takes a mask over the filled rows instead
+                keys, values = keys.narrow(1, 0, mask.shape[1]), values.narrow(1, 0, mask.shape[1])
+            out = custom_sdpa(q, keys, values, start_pos, mask)
             return self.wo(out.reshape(x.shape[0], -1, self.n_heads * self.hd)), None
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         if self.stateful:
@@ -368,24 +363,28 @@ class Attention(nn.Module):
         caches = self._int8_caches()
         for new, cache in zip((*quantize_rows(k), *quantize_rows(v)), caches, strict=True):
             torch.ops.llama.update_cache(new, cache, start_pos)
-        if mask is not None:  # a sliding window or capped scores: the filled rows [0, n) under the mask
-            caches = tuple(c.narrow(1, 0, mask.shape[1]) for c in caches)
-        if self.softcap:  # the kernel cannot cap scores: dequantize the filled rows and attend here
+        if mask is not None or not self.int8_sdpa:  # the filled rows [0, n): under the mask, or all of them
+            n = start_pos + q.shape[1] if mask is None else mask.shape[1]
+            caches = tuple(c.narrow(1, 0, n) for c in caches)
+        if self.softcap or not self.int8_sdpa:  # dequantized: capped scores here, or the fp32 kernel
             keys, values = dequantize_rows(*caches[:3]), dequantize_rows(*caches[3:])
-            return self._attend_capped(q, keys, values, mask).view(q.shape)
-        if not self.int8_sdpa:  # the filled rows [0, start_pos + S), dequantized, through the fp32 kernel
-            if mask is None:
-                caches = tuple(c.narrow(1, 0, start_pos + q.shape[1]) for c in caches)
-            keys, values = dequantize_rows(*caches[:3]), dequantize_rows(*caches[3:])
-            if mask is None:
-                return torch.ops.llama.custom_sdpa(q, keys, values, start_pos, None, 0, True)
-            return torch.ops.llama.custom_sdpa(q, keys, values, 0, mask, 0, False)
+            if self.softcap:  # the kernel cannot cap scores
+                return self._attend_capped(q, keys, values, mask).view(q.shape)
+            return custom_sdpa(q, keys, values, start_pos, mask)
         kc, ks, kz, vc, vs, vz = caches
         qc, qs, qz = quantize_rows(q)
         if mask is None:  # causal over [0, start_pos + S)
             return torch.ops.llama.custom_quantized_sdpa(qc, kc, vc, start_pos, None, 0, True, None,
                                                          qz, qs, kz, ks, vz, vs)
         return torch.ops.llama.custom_quantized_sdpa(qc, kc, vc, 0, mask, 0, False, None, qz, qs, kz, ks, vz, vs)
+
+
+def custom_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos, mask) -> torch.Tensor:
+    """ExecuTorch's ``llama::custom_sdpa`` over keys/values [B, n, KV, D]: causal over [0, start_pos + S) when
+    ``mask`` is None, else under ``mask`` [S, n] (which then says everything, so the kernel's start is 0)."""
+    if mask is None:
+        return torch.ops.llama.custom_sdpa(q, keys, values, start_pos, None, 0, True)
+    return torch.ops.llama.custom_sdpa(q, keys, values, 0, mask, 0, False)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

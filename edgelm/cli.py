@@ -12,6 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from edgelm.config import KV_CACHE_DTYPES
 from edgelm.deploy.commands import deploy_command, device_options, run_device_bench
 from edgelm.errors import EdgeLMError
 
@@ -125,7 +126,7 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="Held-out quality report (top-1, KL, perplexity). Default: on for quantized schemes.")
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
               help="KV-cache length fixed at export (default: the model's, capped at 2048).")
-@click.option("--kv-cache", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+@click.option("--kv-cache", type=click.Choice(KV_CACHE_DTYPES), default="fp32", show_default=True,
               help="KV cache elements. int8 (pte only): 3.7x less cache memory, attention over int8 codes; "
                    "judged by the quality gates like a quantized scheme.")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,

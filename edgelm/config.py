@@ -53,6 +53,9 @@ ARCH_TRAITS: dict[str, ArchTraits] = {
 }
 ARCHITECTURES = tuple(ARCH_TRAITS)
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
+#: KV cache element types. ``int8`` (pte only) stores each cached row of a head as int8 codes with its own
+#: scale and zero point (see ``converters.model.Attention``).
+KV_CACHE_DTYPES = ("fp32", "int8")
 
 
 @dataclass

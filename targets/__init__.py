@@ -42,7 +42,7 @@ except ModuleNotFoundError:  # Python 3.10
     except ModuleNotFoundError:
         tomllib = None
 
-from edgelm.config import ModelConfig
+from edgelm.config import KV_CACHE_DTYPES, ModelConfig
 from edgelm.errors import EdgeLMError
 
 __all__ = [
@@ -490,7 +490,6 @@ RUNTIME_BASE_BYTES = {"pte": 384 * MB, "onnx": 80 * MB, "tflite": 64 * MB}
 PTE_PACKED_SHARE = {"fp32": 0.6, "quantized": 0.3}
 ONNX_PREPACKED_SHARE = {"fp32": 0.5, "quantized": 0.0}
 SCALE_BYTES = 4  # one fp32 scale per output channel (8-bit) or per group (4-bit)
-KV_CACHES = ("fp32", "int8")  # KV cache element types (converters.model.KV_CACHE_DTYPES)
 _WEIGHT_BITS = {"fp32": 32, "w8": 8, "w8a8": 8, "w8a8-static": 8, "w4a8": 4}
 _SMALLER = ("w8a8", "w4a8")  # smaller weights, in the order to try (w8 and w8a8-static weigh what w8a8 does)
 
@@ -629,8 +628,8 @@ def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1, kv_cache
     zero point per position and head). A convolution layer's cache (LFM2) is fp32 either way.
     ``copies``: a tflite bundle keeps one per signature, since each signature's cache inputs are
     its own tensors (the backend brings a prefill signature's copy up to date when it runs)."""
-    if kv_cache not in KV_CACHES:
-        raise TargetError(f"unknown KV cache type {kv_cache!r}; choose one of: {', '.join(KV_CACHES)}")
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise TargetError(f"unknown KV cache type {kv_cache!r}; choose one of: {', '.join(KV_CACHE_DTYPES)}")
     row = {"fp32": 4 * cfg.head_dim, "int8": cfg.head_dim + 5}
     per_position = sum(kv * row["fp32" if cfg.is_conv(i) else kv_cache] for i, kv in enumerate(cfg.n_kv_heads))
     return 2 * per_position * max_context * copies

@@ -28,7 +28,7 @@ class LowerOptions:
     threads: int | None = None
     quant: QuantSpec = field(default_factory=QuantSpec)
     calibration: list[list[int]] | None = None  # token windows, for calibrated (static) schemes
-    kv_cache: str = "fp32"  # the KV cache's element type (converters.model.KV_CACHE_DTYPES)
+    kv_cache: str = "fp32"  # the KV cache's element type (edgelm.config.KV_CACHE_DTYPES)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
