@@ -248,7 +248,7 @@ class Attention(nn.Module):
         self.impl = "plain"
         self.stateful = self.kv_int8 = False
         # int8 cache: attend over the codes with llama::custom_quantized_sdpa (True), or dequantize the filled
-        # rows and use llama::custom_sdpa (False: the pte's prefill, where the quantized kernel ran 6x slower)
+        # rows and use llama::custom_sdpa (False); the pte lowering picks (lowering.executorch.int8_decode_kernel)
         self.int8_sdpa = True
 
     def init_cache(self, impl: str, kv_cache: str = "fp32") -> None:

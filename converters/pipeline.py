@@ -205,7 +205,8 @@ def _convert_one(opts: ConvertOptions, fmt: str, out: Path, source, model, quant
             try:
                 lowered = lower(model, writer.path(model_file), LowerOptions(
                     max_prefill=opts.max_prefill, prefill_lengths=tuple(opts.prefill_lengths), threads=opts.threads,
-                    quant=quant, calibration=calibration, kv_cache=opts.kv_cache))
+                    quant=quant, calibration=calibration, kv_cache=opts.kv_cache,
+                    architecture=opts.target.device.architecture if opts.target else None))
             except EdgeLMError:
                 raise
             except Exception as e:  # exporters raise anything; keep the message, drop the traceback

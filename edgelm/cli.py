@@ -512,8 +512,9 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     from edgelm.targets import kv_cache_bytes
 
     kv = m.io.get("kv_cache_dtype", "fp32")
+    decode = m.io.get("kv_cache_decode")  # an int8 cache: how decode attends (lowering.executorch)
     click.echo(f"kv cache    {kv}, {kv_cache_bytes(cfg, m.max_context, kv_cache=kv) / 1e6:.1f} MB "
-               f"for {m.max_context} positions")
+               f"for {m.max_context} positions" + (f"; decode attends over {decode}" if decode else ""))
     verify = int(m.io.get("max_verify", 0))
     click.echo("decoding    " + (f"up to {verify} tokens checked per call: a target for --draft and --lookup"
                                  if verify >= 2 else "one token per call: not a target for --draft or --lookup"

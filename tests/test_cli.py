@@ -390,25 +390,48 @@ def _planned_cache_bytes(pte) -> int:
     return plan["decode"][-1]
 
 
-def test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere(tiny_pte, tmp_path):
+def _operators(pte) -> dict[str, set[str]]:
+    """Each method's operator names, read from the program itself."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    return {p.name: {op.name for op in p.operators} for p in getattr(program, "program", program).execution_plan}
+
+
+@pytest.mark.parametrize("target", [None, "arm64-generic"], ids=["host", "arm64"])
+def test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere(tiny_pte, tmp_path, target):
     """--kv-cache int8: the .pte plans an int8 cache of the size edgelm estimates (3x smaller than fp32 here),
-    the conversion is judged like a quantized one, and inspect and run work. ONNX and TFLite refuse it before
+    the conversion is judged like a quantized one, and inspect and run work. Decode attends over the int8
+    codes with ExecuTorch's quantized kernel for an aarch64 target and over dequantized rows on an x86 host
+    (lowering.executorch.int8_decode_kernel); prefill dequantizes on both. ONNX and TFLite refuse it before
     any work."""
     from edgelm.bundle import load_manifest
+    from edgelm.converters.lowering.executorch import int8_decode_kernel
     from edgelm.targets import kv_cache_bytes
 
     out = tmp_path / "kv8"
-    edgelm("convert", "builtin:tiny", "-o", out, "--kv-cache", "int8", "--eval-windows", "2", check=True)
+    edgelm("convert", "builtin:tiny", "-o", out, "--kv-cache", "int8", "--eval-windows", "2",
+           *(("--target", target, "-f", "pte", "-q", "fp32") if target else ()), check=True)
     _, m = load_manifest(out)
     assert m.io["kv_cache_dtype"] == "int8"
     parity, quality = m.verification["parity"], m.verification["quality"]
     assert parity["passed"] and quality["passed"] and quality["top1_agreement"] >= 0.9
     assert parity["max_abs_err"] > 1e-3  # the int8 cache is in use (the fp32 pte is within ~1e-5)
+    ops = _operators(out / "model.pte")
+    assert "llama::custom_quantized_sdpa" not in ops["prefill"] and "llama::custom_sdpa" in ops["prefill"]
+    kernel = bool(target) or int8_decode_kernel(None)  # None: this machine's architecture
+    decode = "int8 codes" if kernel else "dequantized rows"
+    assert m.io["kv_cache_decode"] == decode
+    assert ("llama::custom_quantized_sdpa" in ops["decode"]) == kernel
+    assert ("llama::custom_sdpa" in ops["decode"]) == (not kernel)
     cfg, ctx = m.model, m.max_context
     int8, fp32 = kv_cache_bytes(cfg, ctx, kv_cache="int8"), kv_cache_bytes(cfg, ctx)
-    assert _planned_cache_bytes(out / "model.pte") == int8
-    assert _planned_cache_bytes(tiny_pte / "model.pte") == fp32 > 3 * int8
-    assert f"kv cache    int8, {int8 / 1e6:.1f} MB for {ctx} positions" in edgelm("inspect", out, check=True).stdout
+    assert _planned_cache_bytes(out / "model.pte") == int8 and fp32 > 3 * int8
+    assert (f"kv cache    int8, {int8 / 1e6:.1f} MB for {ctx} positions; decode attends over {decode}"
+            in edgelm("inspect", out, check=True).stdout)
+    if target:  # the rest does not depend on the decode path (and the profile changes the context)
+        return
+    assert _planned_cache_bytes(tiny_pte / "model.pte") == fp32
     assert edgelm("run", out, "hello", "-n", "8", check=True).stdout.strip()
     bench = json.loads(edgelm("bench", out, "--runs", "1", "--warmup", "0", "-n", "4", "--json", "-",
                               check=True).stdout)

@@ -85,3 +85,39 @@ def test_chat_prompt_uses_template(engine):
     ids = engine.encode_prompt("hi", chat=True, system="sys")
     text = engine.tokenizer.decode(ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\nsys<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+MKL_THREADS = """
+import ctypes, sys
+from pathlib import Path
+from edgelm.runtime import Engine
+engine = Engine.load(sys.argv[1], threads=2)
+assert len(list(engine.generate_ids([1, 2, 3], max_new_tokens=3, ignore_eos=True))) == 3
+import torch
+mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+print(mkl.mkl_get_max_threads())
+"""
+
+
+def test_pte_runtime_keeps_mkl_to_one_thread_under_its_pool(tiny_pte):
+    """ExecuTorch's attention kernels call MKL from inside each pool thread; MKL's own threads on top
+    oversubscribe the cores (README: Threads (pte)). The backend sets MKL to one thread before torch loads it,
+    and a user's MKL_NUM_THREADS / OMP_NUM_THREADS wins."""
+    import ctypes
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    if not hasattr(lib, "mkl_get_max_threads"):
+        pytest.skip("this torch build has no MKL")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_NUM_THREADS", "OMP_NUM_THREADS")}
+
+    def mkl_threads(**extra) -> int:
+        out = subprocess.run([sys.executable, "-c", MKL_THREADS, str(tiny_pte)], env={**env, **extra},
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[-1])
+
+    assert mkl_threads() == 1
+    assert mkl_threads(MKL_NUM_THREADS="2") == 2

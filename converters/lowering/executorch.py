@@ -23,6 +23,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -124,11 +125,23 @@ def tie_output_to_embedding(model) -> None:
 
 
 def _int8_sdpa(model, on: bool) -> None:
-    """Whether the attention layers of an int8 KV cache attend over the int8 codes (decode) or dequantize the
-    filled rows for the fp32 kernel (prefill: there the quantized kernel ran 6x slower on SmolLM2 at 3300
-    tokens; in decode it ran 1.6x faster than the fp32 one)."""
+    """Whether the attention layers of an int8 KV cache attend over the int8 codes with ExecuTorch's quantized
+    kernel (True) or dequantize the filled rows for the fp32 kernel (False). See :func:`int8_decode_kernel`."""
     for block in model.layers:
         block.attn.int8_sdpa = on
+
+
+def int8_decode_kernel(architecture: str | None) -> bool:
+    """Whether an int8 KV cache's decode attends with ``llama::custom_quantized_sdpa`` on ``architecture``.
+
+    Its int8 matmuls are torchao's, with NEON dot-product kernels on aarch64 and a scalar fallback elsewhere.
+    On this x86 host the fallback was 1.6x slower than dequantizing the filled rows and running the fp32
+    kernel (30 SmolLM2-shaped layers at position 2000, 2 threads: 60 against 38 ms a step;
+    scripts/attention_threads.py), so x86 bundles dequantize; aarch64 bundles keep ExecuTorch's own choice,
+    the quantized kernel. Prefill dequantizes everywhere: the quantized kernel made a 3300-token prefill 6x
+    slower here. ``None``: this machine.
+    """
+    return (architecture or platform.machine()) in ("aarch64", "arm64")
 
 
 @register_lowering("pte", ".pte", schemes=("fp32", "w8a8", "w4a8"), kv_caches=("fp32", "int8"))
@@ -144,6 +157,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     tie_output_to_embedding(m)
     m.eval()
     quant_report = None
+    quantized_decode = opts.kv_cache == "int8" and int8_decode_kernel(opts.architecture)
     if opts.quant.quantized or opts.kv_cache == "int8":
         import executorch.kernels.quantized  # noqa: F401  out-variants of the quantized embedding and KV rows
     if opts.quant.quantized:
@@ -159,9 +173,9 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     two = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
         try:
-            _int8_sdpa(m, False)  # an int8 cache's prefill attends over dequantized rows (see Attention.int8_sdpa)
+            _int8_sdpa(m, False)  # an int8 cache's prefill attends over dequantized rows
             programs = {"prefill": export(m, (two, pos), dynamic_shapes=({1: seq}, None), strict=False)}
-            _int8_sdpa(m, True)
+            _int8_sdpa(m, quantized_decode)
             m.full_logits = True
             programs["decode"] = export(m, (two, pos), dynamic_shapes=({1: Dim("step", min=1, max=max_verify)},
                                                                        None), strict=False)
@@ -202,6 +216,8 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     io = {"methods": ["prefill", "decode"], "max_prefill": max_prefill, "min_prefill": 2,
           "max_verify": max_verify,
           "kv_cache": "mutable_buffers", "kv_cache_dtype": opts.kv_cache, "data_file": final_data.name}
+    if opts.kv_cache == "int8":
+        io["kv_cache_decode"] = "int8 codes" if quantized_decode else "dequantized rows"
     if keyed[0] or not opts.quant.quantized:
         io["weight_keys"] = WEIGHT_KEYS
     report = {"delegation": delegation}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -123,12 +124,36 @@ def use_weight_cache(portable_lib, on: bool) -> bool:
     return state
 
 
+# ExecuTorch's attention kernels (``llama::custom_sdpa`` and the int8 cache's dequantizing path) multiply
+# with the BLAS ``sgemm_`` that the pip wheels resolve to MKL inside libtorch_cpu, and MKL runs each call
+# on its own OpenMP team. The kernels already split their work over ExecuTorch's thread pool, so with a
+# pool of N threads every pool thread starts a team of N: N * N busy threads on N cores. Measured here
+# (scripts/attention_threads.py, 30 SmolLM2-shaped layers at position 2000, 2 threads): 58 ms a decode
+# step with MKL's default threads, 13 ms with one. Only the variable read when MKL starts works, and MKL
+# starts when torch is imported (ExecuTorch's bindings import it), so this runs before that import.
+BLAS_THREADS_VARS = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def single_threaded_blas() -> bool:
+    """Make MKL single-threaded for this process, before torch loads it; return whether it was set.
+
+    Leaves it alone if the user set ``MKL_NUM_THREADS`` or ``OMP_NUM_THREADS``, or if torch is already
+    imported (the setting would no longer take effect; a conversion process is one).
+    """
+    if "torch" in sys.modules or any(v in os.environ for v in BLAS_THREADS_VARS):
+        return False
+    os.environ["MKL_NUM_THREADS"] = "1"
+    log.debug("MKL_NUM_THREADS=1: ExecuTorch's thread pool parallelizes the attention kernels")
+    return True
+
+
 @register_backend("pte")
 class ExecuTorchBackend:
     """Backend for ``format == "pte"`` bundles."""
 
     def __init__(self, root: Path, manifest: Manifest, threads: int | None = None) -> None:
         quiet = not log.isEnabledFor(logging.DEBUG)
+        single_threaded_blas()
         try:
             with quiet_native_stderr(quiet):
                 import torch
