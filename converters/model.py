@@ -358,8 +358,9 @@ class Attention(nn.Module):
     def _executorch_int8(self, q, k, v, mask, start_pos):
         """Attention over an int8 cache, as ExecuTorch's own ``QuantizedKVCache`` and ``QuantizedSDPA`` do it:
         the new K/V rows are quantized per position and head (asymmetric, 8 bits) and written with their scales
-        and zero points; the query is quantized the same way and ``llama::custom_quantized_sdpa`` attends over
-        the codes. Returns [B, S, H, D]."""
+        and zero points. With ``int8_sdpa`` the query is quantized the same way and
+        ``llama::custom_quantized_sdpa`` attends over the codes; without it the filled rows are dequantized for
+        ``llama::custom_sdpa``. Returns [B, S, H, D]."""
         caches = self._int8_caches()
         for new, cache in zip((*quantize_rows(k), *quantize_rows(v)), caches, strict=True):
             torch.ops.llama.update_cache(new, cache, start_pos)

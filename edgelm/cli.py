@@ -127,8 +127,9 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
               help="KV-cache length fixed at export (default: the model's, capped at 2048).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_DTYPES), default="fp32", show_default=True,
-              help="KV cache elements. int8 (pte only): 3.7x less cache memory, attention over int8 codes; "
-                   "judged by the quality gates like a quantized scheme.")
+              help="KV cache elements. int8 (pte only): 3.7x less cache memory; decode attends over the int8 "
+                   "codes on aarch64, over dequantized rows on x86; judged by the quality gates like a "
+                   "quantized scheme.")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
               help="Longest prompt chunk one prefill call takes; longer prompts are chunked.")
 @click.option("--prefill-lengths", callback=_lengths, default=None,
