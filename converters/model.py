@@ -38,7 +38,11 @@ from torch import nn
 
 from edgelm.config import KV_CACHE_DTYPES, ModelConfig
 
-ATTENTION_IMPLS = ("plain", "executorch")
+# "plain": index_copy_ into [B, KV, T, D] caches (the eager reference); "executorch": ExecuTorch's llama:: kernels
+# (update_cache, custom_sdpa) on [B, T, KV, D] caches; "portable": the filled rows in plain ATen ops, for a .pte
+# that must not load the llama:: kernels (see Attention._attend_portable)
+ATTENTION_IMPLS = ("plain", "executorch", "portable")
+SYMBOLIC_START_IMPLS = ("executorch", "portable")  # a .pte's: the start position is a symbolic integer
 
 
 #: RoPE scaling types the canonical decoder computes as transformers does. ``dynamic`` (NTK) only
@@ -264,7 +268,9 @@ class Attention(nn.Module):
         else:
             shape = (1, self.n_kv, self.max_context, self.hd)
         dtype = torch.int8 if self.kv_int8 else torch.float32
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # portable: keys stored transposed, [B, KV, D, T], so attention reads them without a transpose
+        k_shape = (1, self.n_kv, self.hd, self.max_context) if impl == "portable" else shape
+        self.register_buffer("k_cache", torch.zeros(k_shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         if self.kv_int8:  # a scale and a zero point per cached row of a head, [B, T, H, 1]
             rows = (*shape[:-1], 1)
@@ -326,6 +332,30 @@ class Attention(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, H, S, D]
         return out.transpose(1, 2).reshape(b, s, h * d)
 
+    def _attend_portable(self, q, k, v, mask, start_pos):
+        """Write this call's rows and attend over the filled rows ``[0, n)`` (``mask``: [S, n]) in ATen ops only.
+
+        The shapes depend on the start position, a symbolic integer XNNPACK does not delegate, so these ops run
+        in ExecuTorch's portable kernels, whose transpose (``permute_copy``) is slow on large tensors. So
+        nothing cache-sized is transposed or repeated: keys are cached transposed ([B, KV, D, T]) and values
+        as [B, KV, T, D]; only the new rows, the queries and the output (S positions each) are permuted, the
+        query heads of a KV group are folded into the rows, and each matmul is one ``bmm`` over the KV heads.
+        q: [B, S, H, D]; k, v: [B, S, KV, D]. Returns [B, S, H * D].
+        """
+        b, s, h, d = q.shape
+        g = h // self.n_kv
+        write_rows(self.k_cache, k.permute(0, 2, 3, 1), start_pos, axis=3)
+        write_rows(self.v_cache, v.transpose(1, 2), start_pos, axis=2)
+        n = mask.shape[1]
+        keys_t = self.k_cache.narrow(3, 0, n).reshape(self.n_kv, d, n)  # [KV, D, n]
+        values = self.v_cache.narrow(2, 0, n).reshape(self.n_kv, n, d)  # [KV, n, D]
+        # -1 for the sequence axis in every reshape XNNPACK should take (it allows one inferred dim, no symbolic one)
+        q = q.view(b, -1, self.n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(self.n_kv, -1, d)  # [KV, g*S, D]
+        scores = torch.bmm(q, keys_t) * (1.0 / math.sqrt(d))
+        scores = (soft_cap(scores, self.softcap).view(self.n_kv, g, s, n) + mask).view(self.n_kv, g * s, n)
+        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV, g*S, D]
+        return out.view(b, self.n_kv, g, -1, d).permute(0, 3, 1, 2, 4).reshape(b, -1, h * d)
+
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
         q, k, v = self._qkv(x, cos, sin, rot)
         if self.impl == "executorch" and self.kv_int8:
@@ -343,6 +373,8 @@ class Attention(nn.Module):
                 keys, values = keys.narrow(1, 0, mask.shape[1]), values.narrow(1, 0, mask.shape[1])
             out = custom_sdpa(q, keys, values, start_pos, mask)
             return self.wo(out.reshape(x.shape[0], -1, self.n_heads * self.hd)), None
+        if self.impl == "portable":
+            return self.wo(self._attend_portable(q, k, v, mask, start_pos)), None
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         if self.stateful:
             self.k_cache.index_copy_(2, pos, k)
@@ -388,6 +420,15 @@ def custom_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start
     return torch.ops.llama.custom_sdpa(q, keys, values, 0, mask, 0, False)
 
 
+def write_rows(cache: torch.Tensor, rows: torch.Tensor, start_pos, axis: int) -> None:
+    """Write ``rows`` into ``cache`` at positions ``start_pos ..`` along ``axis`` (its S positions on the same
+    axis), as one ``index_put_``: what ``llama::update_cache`` does, in an ATen op that ExecuTorch's portable
+    kernel runs in place once its reinplace pass has run (a slice assignment would become a ``slice_scatter``,
+    a copy of the whole cache). That kernel's in-place case takes one index tensor: the other axes get None."""
+    idx = start_pos + torch.arange(rows.shape[axis], dtype=torch.long)
+    torch.ops.aten.index_put_.default(cache, [None] * axis + [idx], rows)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int8 codes of ``x`` [..., D], with an fp32 scale and an int8 zero point per row [..., 1] (asymmetric:
     each row's min and max map to -128 and 127)."""
@@ -425,8 +466,10 @@ class ShortConv(nn.Module):
         self.stateful = False
 
     def init_cache(self, impl: str, kv_cache: str = "fp32") -> None:
-        """The convolution's rows stay fp32 whatever ``kv_cache`` says: they feed a sum, not a softmax."""
-        Attention.init_cache(self, impl)
+        """The convolution's rows stay fp32 whatever ``kv_cache`` says: they feed a sum, not a softmax. A
+        portable .pte keeps them in the plain layout [B, KV, T, D] (no transposed keys: nothing attends)."""
+        Attention.init_cache(self, "plain" if impl == "portable" else impl)
+        self.impl = impl
 
     def gate_and_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """C and B * X of ``x`` [B, S, dim]: the output gate and what is cached and convolved."""
@@ -471,7 +514,11 @@ class ShortConv(nn.Module):
             return self.mix(c_gate, prev, rows), None
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         start = pos[0] if start_pos is None else start_pos
-        if self.stateful:
+        if self.impl == "portable":  # the plain layout, written as in Attention._attend_portable
+            prev = self.earlier(self.k_cache, self.v_cache, start, 2)
+            write_rows(self.k_cache, k, start, axis=2)
+            write_rows(self.v_cache, v, start, axis=2)
+        elif self.stateful:
             prev = self.earlier(self.k_cache, self.v_cache, start, 2)
             self.k_cache.index_copy_(2, pos, k)
             self.v_cache.index_copy_(2, pos, v)
@@ -642,13 +689,13 @@ class Decoder(nn.Module):
         s = tokens.shape[1]
         t = self.cfg.max_context
         window = self.cfg.sliding_window
-        if self.impl == "executorch":
+        if self.impl in SYMBOLIC_START_IMPLS:
             start_pos = input_pos[0].item()
             torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
             rotary = self._rotary(start_pos, None, s)
             pos = mask = None  # custom_sdpa is causal by itself
-            if self.cfg.attn_softcap:  # but capped scores are computed here, under a mask over the filled rows
+            if self.cfg.attn_softcap or self.impl == "portable":  # attention in plain ops: a mask over the filled rows
                 mask = attention_mask(start_pos + torch.arange(s), start_pos + s)
             # sliding-window layers: a mask over the filled rows only (over all T, decode ran 2.5x slower)
             local_mask = None if window is None else attention_mask(start_pos + torch.arange(s), start_pos + s, window)

@@ -48,6 +48,7 @@ class ConvertOptions:
     group_size: int = 32
     max_context: int | None = None
     kv_cache: str = "fp32"  # the KV cache's elements: fp32, or int8 (pte only)
+    pte_attention: str = "custom"  # pte: ExecuTorch's llama:: kernels, or plain ops (edgelm.config.PTE_ATTENTIONS)
     max_prefill: int = 512
     prefill_lengths: tuple[int, ...] = ()
     target: Any = None  # an edgelm.targets.Profile
@@ -131,6 +132,9 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
     formats = list(FORMATS) if opts.format == "all" else [opts.format]
     for fmt in formats:  # an unknown format, or a scheme or cache a format cannot do, fails before any heavy work
         get_lowering(fmt, opts.scheme, opts.kv_cache)
+        if fmt == "pte" and opts.pte_attention == "portable" and opts.kv_cache != "fp32":
+            raise FormatError(f"a {opts.kv_cache} KV cache needs ExecuTorch's llama:: kernels: use --kv-cache fp32 "
+                              "with --pte-attention portable, or --pte-attention custom on an ARMv8.2-A or x86 CPU")
         if opts.smooth and fmt not in SMOOTH_FORMATS:
             raise FormatError(f"--smooth is built for {' and '.join(SMOOTH_FORMATS)} (XNNPACK's int8 activations, one "
                               f"scale per row), not {fmt}")
@@ -205,7 +209,7 @@ def _convert_one(opts: ConvertOptions, fmt: str, out: Path, source, model, quant
             try:
                 lowered = lower(model, writer.path(model_file), LowerOptions(
                     max_prefill=opts.max_prefill, prefill_lengths=tuple(opts.prefill_lengths), threads=opts.threads,
-                    quant=quant, calibration=calibration, kv_cache=opts.kv_cache,
+                    quant=quant, calibration=calibration, kv_cache=opts.kv_cache, attention=opts.pte_attention,
                     architecture=opts.target.device.architecture if opts.target else None))
             except EdgeLMError:
                 raise

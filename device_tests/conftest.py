@@ -39,6 +39,9 @@ def pytest_addoption(parser):
     g.addoption("--device-format", default=os.environ.get("EDGELM_DEVICE_FORMAT", "onnx"), choices=FORMATS,
                 help="format of the tiny bundle converted for the device (default: onnx)")
     g.addoption("--device-bundle", default=None, help="use this bundle instead of converting builtin:tiny")
+    g.addoption("--pte-attention", default=os.environ.get("EDGELM_DEVICE_PTE_ATTENTION", "custom"),
+                choices=("custom", "portable"),
+                help="pte: the tiny bundle's attention (portable for an ARMv8.0 core such as a Raspberry Pi 4)")
     g.addoption("--no-install", action="store_true", help="do not install anything on the device")
     g.addoption("--bench-runs", type=int, default=5, help="timed runs in the latency test (default 5)")
     g.addoption("--bench-tokens", type=int, default=32, help="tokens per timed run (default 32)")
@@ -129,7 +132,7 @@ def host_bundle(request, device_url, tmp_path_factory, report) -> Path:
     t = time.perf_counter()
     out = tmp_path_factory.mktemp("device-bundle") / f"tiny-{fmt}"
     [(path, _)] = convert(ConvertOptions(source="builtin:tiny", out=out, format=fmt, progress=False,
-                                         max_prefill=16))
+                                         max_prefill=16, pte_attention=request.config.getoption("--pte-attention")))
     report.data["convert_s"] = time.perf_counter() - t
     return path
 

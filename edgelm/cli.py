@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from edgelm.config import KV_CACHE_DTYPES
+from edgelm.config import KV_CACHE_DTYPES, PTE_ATTENTIONS
 from edgelm.deploy.commands import deploy_command, device_options, run_device_bench
 from edgelm.errors import EdgeLMError
 
@@ -130,6 +130,10 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
               help="KV cache elements. int8 (pte only): 3.7x less cache memory; decode attends over the int8 "
                    "codes on aarch64, over dequantized rows on x86; judged by the quality gates like a "
                    "quantized scheme.")
+@click.option("--pte-attention", type=click.Choice(PTE_ATTENTIONS), default="custom", show_default=True,
+              help="pte: attend with ExecuTorch's llama:: kernels (custom; on aarch64 they need ARMv8.2-A), or "
+                   "with plain ops that run on any core, an ARMv8.0 Raspberry Pi 4 included (portable; "
+                   "slower attention). A --target profile sets it.")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
               help="Longest prompt chunk one prefill call takes; longer prompts are chunked.")
 @click.option("--prefill-lengths", callback=_lengths, default=None,
@@ -149,7 +153,8 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
             group_size: int, embedding: str, lm_head: str, int4_symmetric: bool, smooth: float | None,
             calib: str | None,
             eval_text: str | None,
-            eval_windows: int, evaluate: bool | None, max_context: int | None, kv_cache: str, max_prefill: int,
+            eval_windows: int, evaluate: bool | None, max_context: int | None, kv_cache: str, pte_attention: str,
+            max_prefill: int,
             prefill_lengths: tuple[int, ...] | None, threads: int | None, force: bool, no_verify: bool,
             max_logit_error: float | None, min_top1: float | None, max_ppl_increase: float,
             **compress_params) -> None:
@@ -170,7 +175,7 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
         raise EdgeLMError(f"converting needs the conversion extra ({e}); install it with "
                           "pip install 'edgelm[convert]'") from e
     settings = {"format": fmt, "scheme": scheme, "group_size": group_size, "max_context": max_context,
-                "max_prefill": max_prefill, "prefill_lengths": prefill_lengths or ()}
+                "max_prefill": max_prefill, "prefill_lengths": prefill_lengths or (), "pte_attention": pte_attention}
     profile = None
     if target is not None:
         from edgelm.targets import apply_profile, load_profile
@@ -182,7 +187,8 @@ def convert(ctx: click.Context, source: str | None, fmt: str, out: Path, target:
 
         settings = apply_profile(profile, format=typed("fmt"), scheme=typed("scheme"),
                                  group_size=typed("group_size"), max_context=typed("max_context"),
-                                 max_prefill=typed("max_prefill"), prefill_lengths=prefill_lengths)
+                                 max_prefill=typed("max_prefill"), prefill_lengths=prefill_lengths,
+                                 pte_attention=typed("pte_attention"))
     opts = ConvertOptions(source=source, out=out, threads=threads, force=force, verify=not no_verify, kv_cache=kv_cache,
                           embedding=embedding, lm_head=lm_head, int4_symmetric=int4_symmetric, smooth=smooth,
                           calib=calib,
@@ -516,6 +522,11 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
     decode = m.io.get("kv_cache_decode")  # an int8 cache: how decode attends (lowering.executorch)
     click.echo(f"kv cache    {kv}, {kv_cache_bytes(cfg, m.max_context, kv_cache=kv) / 1e6:.1f} MB "
                f"for {m.max_context} positions" + (f"; decode attends over {decode}" if decode else ""))
+    if m.format == "pte":
+        attention = m.io.get("attention", "custom")
+        click.echo(f"attention   {attention}: " + ("plain ops, no llama:: kernels (runs on ARMv8.0-A cores)"
+                                                    if attention == "portable" else
+                                                    "ExecuTorch's llama:: kernels (on aarch64: ARMv8.2-A and later)"))
     verify = int(m.io.get("max_verify", 0))
     click.echo("decoding    " + (f"up to {verify} tokens checked per call: a target for --draft and --lookup"
                                  if verify >= 2 else "one token per call: not a target for --draft or --lookup"

@@ -42,7 +42,7 @@ except ModuleNotFoundError:  # Python 3.10
     except ModuleNotFoundError:
         tomllib = None
 
-from edgelm.config import KV_CACHE_DTYPES, ModelConfig
+from edgelm.config import KV_CACHE_DTYPES, PTE_ATTENTIONS, ModelConfig
 from edgelm.errors import EdgeLMError
 
 __all__ = [
@@ -106,6 +106,7 @@ class Convert:
     group_size: int = 32  # w4a8 only; the 8-bit schemes are per output channel
     max_prefill: int = 512
     prefill_lengths: list[int] = field(default_factory=list)  # tflite: one static signature per length
+    pte_attention: str = "custom"  # pte: ExecuTorch's llama:: kernels or plain ops (edgelm.config.PTE_ATTENTIONS)
 
 
 @dataclass
@@ -377,6 +378,9 @@ def _validate(p: Profile, label: str, origin: dict[str, str]) -> None:
         raise fail("convert.prefill_lengths", f"must be in ascending order without repeats, got {lengths}")
     if lengths and lengths[-1] > c.max_context:
         raise fail("convert.prefill_lengths", f"must not exceed convert.max_context ({c.max_context}), got {lengths}")
+    if c.pte_attention not in PTE_ATTENTIONS:
+        raise fail("convert.pte_attention", f"unknown value {c.pte_attention!r}; choose one of "
+                                            f"{', '.join(PTE_ATTENTIONS)}")
     if "tflite" in c.formats and not lengths:
         raise fail("convert.prefill_lengths", "tflite needs at least one prefill length (its graphs have "
                                               "static shapes)")
@@ -451,7 +455,8 @@ def profile_from_dict(data: dict[str, Any], where: str = "target") -> Profile:
 
 def apply_profile(profile: Profile, *, format: str | None = None, scheme: str | None = None,
                   group_size: int | None = None, max_context: int | None = None, max_prefill: int | None = None,
-                  prefill_lengths: list[int] | tuple[int, ...] | None = None) -> dict[str, Any]:
+                  prefill_lengths: list[int] | tuple[int, ...] | None = None,
+                  pte_attention: str | None = None) -> dict[str, Any]:
     """Conversion settings: the profile's, with every argument that is not None overriding it.
 
     When an explicit ``max_context`` is smaller than the profile's ``max_prefill`` or prefill
@@ -476,6 +481,7 @@ def apply_profile(profile: Profile, *, format: str | None = None, scheme: str | 
         "max_context": ctx,
         "max_prefill": max_prefill,
         "prefill_lengths": tuple(prefill_lengths),
+        "pte_attention": pte_attention or c.pte_attention,
     }
 
 

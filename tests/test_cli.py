@@ -185,6 +185,42 @@ def _random_causal_lm(arch: str):
 ALL_FORMATS = ("pte", "onnx", "tflite")
 
 
+def _random_folder(tmp_path, arch):
+    """A transformers folder of a random ``arch`` model with the tiny tokenizer, and the model."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    from edgelm.converters.sources import tiny_tokenizer_json
+
+    folder = tmp_path / arch
+    torch.manual_seed(0)
+    hf = _random_causal_lm(arch).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # away from init, so greedy tokens depend on the prompt
+    hf.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer_json()),
+                                         eos_token="<|im_end|>").save_pretrained(folder)
+    return folder, hf
+
+
+def _generates_like_transformers(engine, hf) -> tuple[list[int], list[int]]:
+    """The bundle passed its parity gate tightly and generates transformers' own 24 greedy tokens."""
+    import torch
+
+    parity = engine.manifest.verification["parity"]
+    assert parity["passed"] and parity["max_abs_err"] < 1e-4, parity  # GPT-2's tanh GELU is XNNPACK's too
+    ids = engine.encode_prompt("The lighthouse keeper")
+    got = list(engine.generate_ids(ids, max_new_tokens=24))
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=24, do_sample=False, eos_token_id=256, pad_token_id=0)
+    want = [t for t in want[0, len(ids):].tolist() if t != 256]
+    assert got == want and len(got) > 8, engine.manifest.format
+    return ids, got
+
+
 # Every format for each new kind of graph; ONNX alone (the quickest) for families whose graph is one of
 # those with other weights (Granite and GLM are Llamas once folded) or other settings of the same ops
 # (Phi: Pythia's parallel block with one norm for both branches).
@@ -204,22 +240,10 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
     (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE), Gemma 1 (exact GELU), Phi-2's (Pythia's
     block, one shared norm) and OLMo 3 (a window, a RoPE per layer type) from transformers folders: each bundle
     generates transformers' own greedy tokens."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
 
-    from edgelm.converters.sources import tiny_tokenizer_json
     from edgelm.runtime import Engine
 
-    folder = tmp_path / arch
-    torch.manual_seed(0)
-    hf = _random_causal_lm(arch).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # away from init, so greedy tokens depend on the prompt
-    hf.save_pretrained(folder)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer_json()),
-                                         eos_token="<|im_end|>").save_pretrained(folder)
+    folder, hf = _random_folder(tmp_path, arch)
     out = tmp_path / "bundles"
     edgelm("convert", folder, "-f", "all" if formats == ALL_FORMATS else formats[0], "--max-context", "64", "-o",
            out if formats == ALL_FORMATS else out / formats[0], check=True)
@@ -234,20 +258,11 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
              "lfm2": "parameters; 2 of 3 layers are 3-tap convolutions\n",
              }.get(arch, "parameters\n")
     assert shown in edgelm("inspect", out / "onnx", check=True).stdout
-    prompt = "The lighthouse keeper"
     for fmt in formats:
         engine = Engine.load(out / fmt, threads=2)
-        parity = engine.manifest.verification["parity"]
         canonical = {"phi3": "llama", "smollm3": "llama", "granite": "llama", "glm": "llama", "olmo3": "olmo2"}
-        assert engine.manifest.model.arch == canonical.get(arch, arch) and parity["passed"]
-        assert parity["max_abs_err"] < 1e-4, (fmt, parity)  # GPT-2's tanh GELU is that GELU in XNNPACK too
-        ids = engine.encode_prompt(prompt)
-        got = list(engine.generate_ids(ids, max_new_tokens=24))
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               max_new_tokens=24, do_sample=False, eos_token_id=256, pad_token_id=0)
-        want = [t for t in want[0, len(ids):].tolist() if t != 256]
-        assert got == want and len(got) > 8, fmt
+        assert engine.manifest.model.arch == canonical.get(arch, arch)
+        ids, got = _generates_like_transformers(engine, hf)
         if arch == "lfm2":  # the cache rewinds: rows past a position (rejected draft tokens) are rewritten, not read
             import numpy as np
 
@@ -256,6 +271,21 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
             b.prefill(np.array(ids, dtype=np.int64), 0)
             b.prefill(np.array([40, 41, 42, 43, 44], dtype=np.int64), n)
             np.testing.assert_allclose(b.prefill(np.array(got[:4], dtype=np.int64), n), clean, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "lfm2"])
+def test_portable_pte_attention_for_other_graphs(tmp_path, arch):
+    """--pte-attention portable on the graphs whose attention differs: Gemma 2's soft-capped scores, Gemma 3's
+    sliding window and single KV head, LFM2's convolution layers (their cache rows in the plain layout)."""
+    from edgelm.runtime import Engine
+
+    folder, hf = _random_folder(tmp_path, arch)
+    out = tmp_path / "pte"
+    edgelm("convert", folder, "-f", "pte", "--pte-attention", "portable", "--max-context", "64", "-o", out,
+           check=True)
+    engine = Engine.load(out, threads=2)
+    assert engine.manifest.io["attention"] == "portable"
+    _generates_like_transformers(engine, hf)
 
 
 def test_changed_and_missing_files_are_refused(tiny_pte, tmp_path):
@@ -443,3 +473,41 @@ def test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere(tiny_pte, tmp_path)
                            "cannot hold an int8 KV cache", "built for pte")
         assert not (tmp_path / fmt).exists()
 
+
+
+_LOADED_KERNELS = """
+import sys
+from edgelm.runtime import Engine
+engine = Engine.load(sys.argv[1], threads=1)
+tokens = list(engine.generate_ids(list(range(5, 40)), max_new_tokens=16))
+print(" ".join(map(str, tokens)))
+print("executorch.extension.llm.custom_ops.custom_ops" in sys.modules)
+"""
+
+
+def test_portable_pte_attention_runs_without_the_llama_kernels(tiny_pte, tmp_path):
+    """--pte-attention portable (what the ARMv8.0 profiles pick: the llama:: kernels of ExecuTorch's aarch64
+    wheel die with SIGILL on a Cortex-A72): the program holds no llama:: operator, writes its cache with an
+    in-place index_put_, and the runtime never loads the llama:: kernels; its greedy tokens are the custom-kernel
+    bundle's. An int8 KV cache needs those kernels and is refused before any work."""
+    out = tmp_path / "portable"
+    edgelm("convert", "builtin:tiny", "-o", out, "--pte-attention", "portable", "--max-prefill", "16", check=True)
+    ops = _operators(out / "model.pte")
+    for method in ("prefill", "decode"):
+        assert not any(op.startswith("llama::") for op in ops[method]), ops[method]
+        assert "aten::index_put_" in ops[method]
+    assert "llama::custom_sdpa" in _operators(tiny_pte / "model.pte")["decode"]
+    assert "attention   portable: plain ops" in edgelm("inspect", out, check=True).stdout
+    runs = {}
+    for name, bundle in (("portable", out), ("custom", tiny_pte)):
+        proc = subprocess.run([sys.executable, "-c", _LOADED_KERNELS, str(bundle)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = proc.stdout.split("\n")[:2]
+    assert runs["portable"][0] == runs["custom"][0] and len(runs["portable"][0].split()) == 16
+    assert runs["portable"][1] == "False" and runs["custom"][1] == "True"
+    assert_clean_error(edgelm("convert", "builtin:tiny", "-o", tmp_path / "kv8", "--pte-attention", "portable",
+                              "--kv-cache", "int8"), "needs ExecuTorch's llama:: kernels")
+    assert not (tmp_path / "kv8").exists()
+    assert_clean_error(edgelm("convert", "builtin:tiny", "-o", tmp_path / "bad", "--pte-attention", "fast"),
+                       "'fast' is not one of 'custom', 'portable'")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgelm.config import ModelConfig
-from edgelm.converters.model import build_decoder, state_dict_from_hf
+from edgelm.converters.model import ATTENTION_IMPLS, build_decoder, state_dict_from_hf
 from edgelm.converters.sources import config_from_hf, tiny_config
 
 
@@ -308,11 +308,11 @@ def test_unsupported_rope_scaling_is_a_clear_source_error():
 
 
 def _assert_stateful_decoding_matches(hf, cfg, sd) -> None:
-    """A prefill, two single-token decodes and another prefill, in both stateful cache modes."""
+    """A prefill, two single-token decodes and another prefill, in every stateful cache mode."""
     ids = torch.randint(0, 300, (1, 40))
     with torch.no_grad():
         ref = hf(ids).logits
-    for impl in ("plain", "executorch"):
+    for impl in ATTENTION_IMPLS:
         stateful = build_decoder(cfg, sd).make_stateful(impl)
         stateful.full_logits = True
         assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
@@ -462,7 +462,7 @@ def _run_stateful(model, ids, chunks):
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("impl", ["plain", "executorch"])
+@pytest.mark.parametrize("impl", ["plain", "executorch", "portable"])
 def test_stateful_chunked_prefill_equals_full_forward(tiny_source, impl):
     ids = torch.randint(0, 256, (1, 24))
     full = build_decoder(tiny_source.config, tiny_source.state_dict)

@@ -221,6 +221,7 @@ def with_override(tmp_path, section: str, line: str, name: str = "bad.toml") -> 
     ("convert", "max_prefill = 4096", "convert.max_prefill", "between 2 and convert.max_context (1024)"),
     ("runtime", "onnx = []", "runtime.onnx", "convert.formats lists onnx"),
     ("deploy", 'transport = "ftp"', "deploy.transport", "unknown transport 'ftp'"),
+    ("convert", 'pte_attention = "fast"', "convert.pte_attention", "unknown value 'fast'; choose one of custom"),
 ])
 def test_validation_error_names_file_and_key(tmp_path, section, line, key, words):
     path = with_override(tmp_path, section, line)
@@ -278,13 +279,24 @@ def test_apply_profile_explicit_flags_override():
     p = load_profile("raspberry-pi-5")
     s = apply_profile(p)
     assert s == {"format": "pte", "scheme": "w8a8", "group_size": 32, "max_context": 2048, "max_prefill": 512,
-                 "prefill_lengths": (32, 128, 512)}
+                 "prefill_lengths": (32, 128, 512), "pte_attention": "custom"}
     s = apply_profile(p, format="onnx", scheme="w4a8", max_context=256)
     assert (s["format"], s["scheme"], s["max_context"]) == ("onnx", "w4a8", 256)
     assert s["max_prefill"] == 256 and s["prefill_lengths"] == (32, 128)  # profile values clamped
     assert apply_profile(p, max_prefill=64)["max_prefill"] == 64
     with pytest.raises(TargetError, match="unknown scheme"):
         apply_profile(p, scheme="w2")
+
+
+def test_armv8_0_profiles_keep_pte_off_the_llama_kernels():
+    """The llama:: kernels of ExecuTorch's aarch64 wheel need ARMv8.2-A (SIGILL on a Cortex-A72): every
+    built-in aarch64 profile of an older core attends with plain ops, and a flag still overrides it."""
+    for name in BUILTINS:
+        p = load_profile(name)
+        old_arm = p.device.architecture == "aarch64" and p.device.isa < "armv8.2-a"
+        assert apply_profile(p)["pte_attention"] == ("portable" if old_arm else "custom"), name
+    assert {n for n in BUILTINS if load_profile(n).device.isa == "armv8.0-a"} == {"raspberry-pi-4", "arm64-generic"}
+    assert apply_profile(load_profile("raspberry-pi-4"), pte_attention="custom")["pte_attention"] == "custom"
 
 
 # --------------------------------------------------------------------------- memory

@@ -30,6 +30,7 @@ class LowerOptions:
     calibration: list[list[int]] | None = None  # token windows, for calibrated (static) schemes
     kv_cache: str = "fp32"  # the KV cache's element type (edgelm.config.KV_CACHE_DTYPES)
     architecture: str | None = None  # the CPU the bundle is for (`uname -m`): its target's, else None (this one)
+    attention: str = "custom"  # pte: ExecuTorch's llama:: kernels ("custom") or plain ATen ops ("portable")
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -9,7 +9,10 @@ hold another copy in memory (540 MB for SmolLM2 at fp32). A dynamic-shape decode
 as fast as a fixed one-token decode.
 The KV cache lives in mutable buffers shared by both methods (``share_mutable_buffers``),
 so the runtime never moves it. Attention uses ExecuTorch's ``llama::update_cache`` and
-``llama::custom_sdpa`` kernels, which attend only to the filled part of the cache.
+``llama::custom_sdpa`` kernels, which attend only to the filled part of the cache. With
+``LowerOptions.attention == "portable"`` it uses plain ATen ops instead (``index_put_`` into the
+cache, kept in place by ExecuTorch's reinplace pass, and matmuls and softmax over the filled rows):
+the aarch64 build of the llama:: kernels needs ARMv8.2-A and dies with SIGILL on older cores.
 
 Weights go to a ``.ptd`` file beside the program (ExecuTorch's program-data
 separation): the XNNPACK-packed weights and the program's own constants then share
@@ -153,7 +156,11 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
 
     cfg = model.cfg
     max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
-    m = copy.deepcopy(model).make_stateful("executorch", opts.kv_cache)
+    portable = opts.attention == "portable"
+    if portable and opts.kv_cache != "fp32":
+        raise ConversionError("an int8 KV cache needs ExecuTorch's llama:: kernels: drop --kv-cache int8 or "
+                              "use --pte-attention custom")
+    m = copy.deepcopy(model).make_stateful("portable" if portable else "executorch", opts.kv_cache)
     tie_output_to_embedding(m)
     m.eval()
     quant_report = None
@@ -199,6 +206,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
         et = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,
+            run_reinplace_pass=portable,  # write_rows' index_put stays in place
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
             external_constants=lambda node: DATA_TAG,
         ))
@@ -215,7 +223,8 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
              final_data.name, final_data.stat().st_size / 1e6, delegation)
     io = {"methods": ["prefill", "decode"], "max_prefill": max_prefill, "min_prefill": 2,
           "max_verify": max_verify,
-          "kv_cache": "mutable_buffers", "kv_cache_dtype": opts.kv_cache, "data_file": final_data.name}
+          "kv_cache": "mutable_buffers", "kv_cache_dtype": opts.kv_cache, "data_file": final_data.name,
+          "attention": opts.attention}  # "portable": the runtime need not load the llama:: kernels
     if opts.kv_cache == "int8":
         io["kv_cache_decode"] = "int8 codes" if quantized_decode else "dequantized rows"
     if keyed[0] or not opts.quant.quantized:

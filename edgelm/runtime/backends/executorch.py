@@ -157,7 +157,8 @@ class ExecuTorchBackend:
         try:
             with quiet_native_stderr(quiet):
                 import torch
-                from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama:: kernels
+                if manifest.io.get("attention", "custom") == "custom":  # "portable" bundles use no llama:: kernel
+                    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  llama:: kernels
                 from executorch.extension.pybindings import portable_lib
                 from executorch.kernels import quantized  # noqa: F401  quantized embedding kernels
                 from executorch.runtime import Runtime
