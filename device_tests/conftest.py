@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from edgelm.config import PTE_ATTENTIONS
+
 HERE = Path(__file__).resolve().parent
 FORMATS = ("onnx", "tflite", "pte")
 
@@ -40,7 +42,7 @@ def pytest_addoption(parser):
                 help="format of the tiny bundle converted for the device (default: onnx)")
     g.addoption("--device-bundle", default=None, help="use this bundle instead of converting builtin:tiny")
     g.addoption("--pte-attention", default=os.environ.get("EDGELM_DEVICE_PTE_ATTENTION", "custom"),
-                choices=("custom", "portable"),
+                choices=PTE_ATTENTIONS,
                 help="pte: the tiny bundle's attention (portable for an ARMv8.0 core such as a Raspberry Pi 4)")
     g.addoption("--no-install", action="store_true", help="do not install anything on the device")
     g.addoption("--bench-runs", type=int, default=5, help="timed runs in the latency test (default 5)")

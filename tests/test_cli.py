@@ -240,7 +240,6 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
     (ReLU, offset positions), EXAONE 4 (OLMo 2's norms, a window, NoPE), Gemma 1 (exact GELU), Phi-2's (Pythia's
     block, one shared norm) and OLMo 3 (a window, a RoPE per layer type) from transformers folders: each bundle
     generates transformers' own greedy tokens."""
-
     from edgelm.runtime import Engine
 
     folder, hf = _random_folder(tmp_path, arch)

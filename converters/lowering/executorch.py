@@ -156,10 +156,7 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
 
     cfg = model.cfg
     max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
-    portable = opts.attention == "portable"
-    if portable and opts.kv_cache != "fp32":
-        raise ConversionError("an int8 KV cache needs ExecuTorch's llama:: kernels: drop --kv-cache int8 or "
-                              "use --pte-attention custom")
+    portable = opts.attention == "portable"  # an int8 cache with it: refused by the pipeline and Attention.init_cache
     m = copy.deepcopy(model).make_stateful("portable" if portable else "executorch", opts.kv_cache)
     tie_output_to_embedding(m)
     m.eval()
