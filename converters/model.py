@@ -268,8 +268,9 @@ class Attention(nn.Module):
         else:
             shape = (1, self.n_kv, self.max_context, self.hd)
         dtype = torch.int8 if self.kv_int8 else torch.float32
-        # portable: keys stored transposed, [B, KV, D, T], so attention reads them without a transpose
-        k_shape = (1, self.n_kv, self.hd, self.max_context) if impl == "portable" else shape
+        k_shape = shape
+        if impl == "portable":  # no batch axis, keys stored transposed: [KV, D, T] and [KV, T, D] (_attend_portable)
+            k_shape, shape = (self.n_kv, self.hd, self.max_context), (self.n_kv, self.max_context, self.hd)
         self.register_buffer("k_cache", torch.zeros(k_shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         if self.kv_int8:  # a scale and a zero point per cached row of a head, [B, T, H, 1]
@@ -333,28 +334,30 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(b, s, h * d)
 
     def _attend_portable(self, q, k, v, mask, start_pos):
-        """Write this call's rows and attend over the filled rows ``[0, n)`` (``mask``: [S, n]) in ATen ops only.
+        """Write this call's rows and attend over the filled rows ``[0, n)`` in ATen ops only. ``mask``: [g*S, n],
+        the [S, n] mask repeated for the g query heads of a KV group (by ``Decoder.forward``, once for all layers).
 
-        The shapes depend on the start position, a symbolic integer XNNPACK does not delegate, so these ops run
-        in ExecuTorch's portable kernels, whose transpose (``permute_copy``) is slow on large tensors. So
-        nothing cache-sized is transposed or repeated: keys are cached transposed ([B, KV, D, T]) and values
-        as [B, KV, T, D]; only the new rows, the queries and the output (S positions each) are permuted, the
-        query heads of a KV group are folded into the rows, and each matmul is one ``bmm`` over the KV heads.
-        q: [B, S, H, D]; k, v: [B, S, KV, D]. Returns [B, S, H * D].
+        In a .pte the length n comes from an input's shape (``Decoder.length_input``), a symbolic size XNNPACK
+        takes, so it runs both matmuls and the softmax; the cache reads and writes (``slice_copy``,
+        ``index_put_``) run in ExecuTorch's portable kernels, on one thread, whose transpose (``permute_copy``)
+        is slow on large tensors. So nothing cache-sized is transposed, repeated or reshaped: the caches have no
+        batch axis (a reshape of a slice of them would make torch.export guard on its length), keys are cached
+        transposed ([KV, D, T]) and values as [KV, T, D]; only the new rows, the queries and the output (S
+        positions each) are permuted, and the query heads of a KV group are folded into the rows, so each matmul
+        is one ``bmm`` over the KV heads.
+        q: [B, S, H, D]; k, v: [B, S, KV, D] (B is 1). Returns [B, S, H * D].
         """
         b, s, h, d = q.shape
         g = h // self.n_kv
-        write_rows(self.k_cache, k.permute(0, 2, 3, 1), start_pos, axis=3)
-        write_rows(self.v_cache, v.transpose(1, 2), start_pos, axis=2)
+        write_rows(self.k_cache, k.view(-1, self.n_kv, d).permute(1, 2, 0), start_pos, axis=2)
+        write_rows(self.v_cache, v.view(-1, self.n_kv, d).transpose(0, 1), start_pos, axis=1)
         n = mask.shape[1]
-        keys_t = self.k_cache.narrow(3, 0, n).reshape(self.n_kv, d, n)  # [KV, D, n]
-        values = self.v_cache.narrow(2, 0, n).reshape(self.n_kv, n, d)  # [KV, n, D]
+        keys_t, values = self.k_cache.narrow(2, 0, n), self.v_cache.narrow(1, 0, n)  # [KV, D, n], [KV, n, D]
         # -1 for the sequence axis in every reshape XNNPACK should take (it allows one inferred dim, no symbolic one)
-        q = q.view(b, -1, self.n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(self.n_kv, -1, d)  # [KV, g*S, D]
-        scores = torch.bmm(q, keys_t) * (1.0 / math.sqrt(d))
-        scores = (soft_cap(scores, self.softcap).view(self.n_kv, g, s, n) + mask).view(self.n_kv, g * s, n)
+        q = q.view(b, -1, self.n_kv, g, d).permute(0, 2, 3, 1, 4).contiguous().view(self.n_kv, -1, d)  # [KV, g*S, D]
+        scores = soft_cap(torch.bmm(q, keys_t) * (1.0 / math.sqrt(d)), self.softcap) + mask
         out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV, g*S, D]
-        return out.view(b, self.n_kv, g, -1, d).permute(0, 3, 1, 2, 4).reshape(b, -1, h * d)
+        return out.view(b, self.n_kv, g, -1, d).permute(0, 3, 1, 2, 4).contiguous().view(b, -1, h * d)
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
         q, k, v = self._qkv(x, cos, sin, rot)
@@ -601,7 +604,8 @@ class Decoder(nn.Module):
 
     ``forward(tokens[1, S], input_pos[1])`` runs S tokens starting at position
     ``input_pos[0]`` and returns logits of the last position ``[1, vocab]`` (or of
-    every position with ``full_logits=True``). In functional mode pass ``caches``
+    every position with ``full_logits=True``). With ``length_input`` (a .pte's impls),
+    ``input_pos`` is ``arange(start + S)`` instead, of which only the length is read. In functional mode pass ``caches``
     (a list of (K, V) per layer, each [1, KV, T, D]) and get ``(logits, new_rows)``
     back, where ``new_rows`` holds each layer's K and V for the S new positions;
     ``logits_to_keep`` (int64 ``[n]``, indices into the S positions) then picks whose
@@ -638,6 +642,10 @@ class Decoder(nn.Module):
         self.window_attention = False
         self.impl = "plain"
         self.stateful = False
+        # a .pte's impls: input_pos is [start_pos + S] (the positions in use after the call; only its length is
+        # read) instead of [start_pos]. A start read from a tensor is an unbacked symbolic integer, and XNNPACK
+        # delegates no op whose shape depends on one; an input's length is a backed one, with an upper bound.
+        self.length_input = False
 
     def make_stateful(self, impl: str = "plain", kv_cache: str = "fp32") -> Decoder:
         """Give every layer an in-place KV cache; ``impl`` picks the attention kernel, ``kv_cache`` the
@@ -689,10 +697,14 @@ class Decoder(nn.Module):
         s = tokens.shape[1]
         t = self.cfg.max_context
         window = self.cfg.sliding_window
-        if self.impl in SYMBOLIC_START_IMPLS:
+        if self.impl in SYMBOLIC_START_IMPLS and self.length_input:
+            start_pos = input_pos.shape[0] - s  # a size: a symbolic integer XNNPACK takes (see length_input)
+            torch._check(start_pos >= 0)
+        elif self.impl in SYMBOLIC_START_IMPLS:
             start_pos = input_pos[0].item()
             torch._check(start_pos >= 0)
             torch._check(start_pos + s <= t)
+        if self.impl in SYMBOLIC_START_IMPLS:
             rotary = self._rotary(start_pos, None, s)
             pos = mask = None  # custom_sdpa is causal by itself
             if self.cfg.attn_softcap or self.impl == "portable":  # attention in plain ops: a mask over the filled rows
@@ -712,12 +724,18 @@ class Decoder(nn.Module):
             local_mask = None if window is None else attention_mask(pos, t, window)
         positions = None
         if self.pos_embeddings is not None:
-            positions = input_pos[0] + torch.arange(s, dtype=torch.long) if pos is None else pos
+            positions = start_pos + torch.arange(s, dtype=torch.long) if pos is None else pos
         x = self.embed(tokens, positions)
         new_rows = []
+        grouped = {}  # portable: a mask's rows repeated for the query heads of a KV group, once per forward
         for i, block in enumerate(self.layers):
             cos, sin = rotary[block.local_rope]
             m = mask if block.attn.window is None else local_mask
+            if self.impl == "portable" and isinstance(block.attn, Attention):
+                key = (block.attn.window, block.attn.n_heads // block.attn.n_kv)
+                if key not in grouped:
+                    grouped[key] = m.repeat(key[1], 1)
+                m = grouped[key]
             x, kv = block(x, cos, sin, self.rope_rot, pos, m, start_pos, None if caches is None else caches[i])
             new_rows.append(kv)
         last = logits_to_keep is None and not self.full_logits

@@ -133,7 +133,7 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--pte-attention", type=click.Choice(PTE_ATTENTIONS), default="custom", show_default=True,
               help="pte: attend with ExecuTorch's llama:: kernels (custom; on aarch64 they need ARMv8.2-A), or "
                    "with plain ops that run on any core, an ARMv8.0 Raspberry Pi 4 included (portable; "
-                   "slower attention). A --target profile sets it.")
+                   "faster with long prompts, slower with short ones, more memory). A --target profile sets it.")
 @click.option("--max-prefill", type=click.IntRange(2, 1 << 16), default=512, show_default=True,
               help="Longest prompt chunk one prefill call takes; longer prompts are chunked.")
 @click.option("--prefill-lengths", callback=_lengths, default=None,

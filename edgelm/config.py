@@ -57,8 +57,9 @@ ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 #: scale and zero point (see ``converters.model.Attention``).
 KV_CACHE_DTYPES = ("fp32", "int8")
 #: How a .pte attends and writes its KV cache. ``custom``: ExecuTorch's ``llama::`` kernels (``update_cache``,
-#: ``custom_sdpa``), whose aarch64 build needs an ARMv8.2-A core. ``portable``: plain ATen ops (``index_put_``,
-#: ``bmm``, ``softmax`` in ExecuTorch's portable kernels), which run on any core, an ARMv8.0-A Raspberry Pi 4's too.
+#: ``custom_sdpa``), whose aarch64 build needs an ARMv8.2-A core. ``portable``: plain ATen ops (cache writes with
+#: ``index_put_`` in ExecuTorch's portable kernels, ``bmm`` and ``softmax`` in XNNPACK), which run on any core, an
+#: ARMv8.0-A Raspberry Pi 4's too.
 PTE_ATTENTIONS = ("custom", "portable")
 
 

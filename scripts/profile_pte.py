@@ -39,11 +39,14 @@ def main() -> None:
     portable_lib._unsafe_reset_threadpool(args.threads)
     module = portable_lib._load_for_executorch(str(args.bundle / manifest["model_file"]),
                                                str(args.bundle / data) if data else None, enable_etdump=True)
+    def positions(start: int, n: int) -> torch.Tensor:  # the second input (ExecuTorchBackend._inputs)
+        return torch.arange(start + n) if manifest["io"].get("position_input") == "length" else torch.tensor([start])
+
     prompt = 8
-    module.run_method("prefill", (torch.arange(1, prompt + 1)[None], torch.tensor([0])))
+    module.run_method("prefill", (torch.arange(1, prompt + 1)[None], positions(0, prompt)))
     t = time.perf_counter()
     for i in range(args.steps):
-        module.run_method("decode", (torch.tensor([[5]]), torch.tensor([prompt + i])))
+        module.run_method("decode", (torch.tensor([[5]]), positions(prompt + i, 1)))
     wall = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/profile.etdp"

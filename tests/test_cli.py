@@ -478,7 +478,7 @@ _LOADED_KERNELS = """
 import sys
 from edgelm.runtime import Engine
 engine = Engine.load(sys.argv[1], threads=1)
-tokens = list(engine.generate_ids(list(range(5, 40)), max_new_tokens=16))
+tokens = list(engine.generate_ids(list(range(5, 40)), max_new_tokens=engine.max_context - 35, ignore_eos=True))
 print(" ".join(map(str, tokens)))
 print("executorch.extension.llm.custom_ops.custom_ops" in sys.modules)
 """
@@ -495,6 +495,7 @@ def test_portable_pte_attention_runs_without_the_llama_kernels(tiny_pte, tmp_pat
     for method in ("prefill", "decode"):
         assert not any(op.startswith("llama::") for op in ops[method]), ops[method]
         assert "aten::index_put_" in ops[method]
+        assert not {"aten::bmm", "aten::_softmax"} & set(ops[method]), ops[method]  # XNNPACK runs the attention
     assert "llama::custom_sdpa" in _operators(tiny_pte / "model.pte")["decode"]
     assert "attention   portable: plain ops" in edgelm("inspect", out, check=True).stdout
     runs = {}
@@ -503,8 +504,13 @@ def test_portable_pte_attention_runs_without_the_llama_kernels(tiny_pte, tmp_pat
                               timeout=300)
         assert proc.returncode == 0, proc.stderr
         runs[name] = proc.stdout.split("\n")[:2]
-    assert runs["portable"][0] == runs["custom"][0] and len(runs["portable"][0].split()) == 16
+    assert runs["portable"][0] == runs["custom"][0] and len(runs["portable"][0].split()) == 128 - 35  # to the end
     assert runs["portable"][1] == "False" and runs["custom"][1] == "True"
+    from edgelm.errors import BundleError
+    from edgelm.runtime import Engine
+
+    with pytest.raises(BundleError, match="past the context window"):  # its position input cannot be cut short
+        Engine.load(out, threads=1).backend.decode(5, 128)
     assert_clean_error(edgelm("convert", "builtin:tiny", "-o", tmp_path / "kv8", "--pte-attention", "portable",
                               "--kv-cache", "int8"), "needs ExecuTorch's llama:: kernels")
     assert not (tmp_path / "kv8").exists()

@@ -9,6 +9,9 @@ from edgelm.config import ModelConfig
 from edgelm.converters.model import ATTENTION_IMPLS, build_decoder, state_dict_from_hf
 from edgelm.converters.sources import config_from_hf, tiny_config
 
+# every stateful attention impl, and the portable .pte's length input (Decoder.length_input)
+STATEFUL_MODES = [(impl, False) for impl in ATTENTION_IMPLS] + [("portable", True)]
+
 
 def _random_hf(cls_model, hf_cfg):
     """A transformers model with seeded weights of std 0.2 (away from init, so logits differ)."""
@@ -312,9 +315,9 @@ def _assert_stateful_decoding_matches(hf, cfg, sd) -> None:
     ids = torch.randint(0, 300, (1, 40))
     with torch.no_grad():
         ref = hf(ids).logits
-    for impl in ATTENTION_IMPLS:
+    for impl, length_input in STATEFUL_MODES:
         stateful = build_decoder(cfg, sd).make_stateful(impl)
-        stateful.full_logits = True
+        stateful.full_logits, stateful.length_input = True, length_input
         assert torch.allclose(ref, _run_stateful(stateful, ids, [17, 1, 1, 21]), atol=1e-4), impl
 
 
@@ -456,21 +459,22 @@ def test_opt_logits_match_transformers():
 def _run_stateful(model, ids, chunks):
     outs, pos = [], 0
     with torch.no_grad():
-        for n in chunks:
-            outs.append(model(ids[:, pos:pos + n], torch.tensor([pos])))
+        for n in chunks:  # a length input: the positions in use after the call
+            positions = torch.arange(pos + n) if model.length_input else torch.tensor([pos])
+            outs.append(model(ids[:, pos:pos + n], positions))
             pos += n
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("impl", ["plain", "executorch", "portable"])
-def test_stateful_chunked_prefill_equals_full_forward(tiny_source, impl):
+@pytest.mark.parametrize(("impl", "length_input"), STATEFUL_MODES)
+def test_stateful_chunked_prefill_equals_full_forward(tiny_source, impl, length_input):
     ids = torch.randint(0, 256, (1, 24))
     full = build_decoder(tiny_source.config, tiny_source.state_dict)
     full.full_logits = True
     with torch.no_grad():
         ref, _ = full(ids, torch.tensor([0]), full.empty_caches())
     model = build_decoder(tiny_source.config, tiny_source.state_dict).make_stateful(impl)
-    model.full_logits = True
+    model.full_logits, model.length_input = True, length_input
     got = _run_stateful(model, ids, [10, 1, 1, 7, 5])
     assert torch.allclose(ref, got, atol=1e-4)
 

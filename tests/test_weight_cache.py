@@ -91,24 +91,26 @@ def _pair(mode: str, *bundles) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _same_codes_other_scales(tmp_path, tiny_source, tag: str) -> tuple:
-    """w8a8 .pte bundles of the tiny model (A) and of A with one layer doubled (B): B's int8 codes are
-    A's, its scales twice A's."""
+def _same_codes_other_scales(tmp_path, tag: str) -> tuple:
+    """w8a8 .pte bundles of a one-layer tiny model (A; one layer shows the sharing, and a quantized graph is
+    slow to lower) and of A with one matrix doubled (B): B's int8 codes are A's, its scales twice A's."""
     from edgelm.converters.compress.checkpoint import save_checkpoint
+    from edgelm.converters.sources import load_tiny
 
-    doubled = dict(tiny_source.state_dict)
-    doubled["layers.0.mlp.w_down.weight"] = tiny_source.state_dict["layers.0.mlp.w_down.weight"] * 2.0
+    a = load_tiny(n_layers=1)
+    doubled = dict(a.state_dict)
+    doubled["layers.0.mlp.w_down.weight"] = a.state_dict["layers.0.mlp.w_down.weight"] * 2.0
     out = []
-    for name, src in (("A", tiny_source), ("B", dataclasses.replace(tiny_source, state_dict=doubled))):
+    for name, src in (("A", a), ("B", dataclasses.replace(a, state_dict=doubled))):
         ckpt = save_checkpoint(src, tmp_path / f"ckpt-{tag}-{name}")
         out.append(convert_bundle(tmp_path / f"pte-{tag}-{name}", source=str(ckpt), scheme="w8a8", smooth=0.0,
                                   max_prefill=16, verify=False, evaluate=False))
     return tuple(out)
 
 
-def test_quantized_bundles_share_the_cache_and_keep_their_own_scales(tmp_path, tiny_source):
+def test_quantized_bundles_share_the_cache_and_keep_their_own_scales(tmp_path):
     """edgelm names quantized weights by codes and scales: A and B share the cache, and B computes B."""
-    a, b = _same_codes_other_scales(tmp_path, tiny_source, "keyed")
+    a, b = _same_codes_other_scales(tmp_path, "keyed")
     assert all(json.loads((x / "edgelm.json").read_text())["io"]["weight_keys"] == WEIGHT_KEYS for x in (a, b))
     together = _pair("default", a, b)
     assert together["cache"] == [True, True]
@@ -117,7 +119,7 @@ def test_quantized_bundles_share_the_cache_and_keep_their_own_scales(tmp_path, t
     assert together["logits"] == b_alone["logits"]  # B computes B next to A
 
 
-def test_without_quantization_in_the_names_sharing_would_be_wrong(tmp_path, tiny_source, monkeypatch):
+def test_without_quantization_in_the_names_sharing_would_be_wrong(tmp_path, monkeypatch):
     """Why the names must cover the scales: bundles written with ExecuTorch's plain content names are not
     marked and load without the cache, so B computes B; forced into the cache, B returns A's logits.
     (If a later ExecuTorch keys the cache by the scales too, the last assertion fails: the workaround
@@ -127,7 +129,7 @@ def test_without_quantization_in_the_names_sharing_would_be_wrong(tmp_path, tiny
     from edgelm.converters.lowering import executorch as lowering
 
     monkeypatch.setattr(lowering, "weight_keys_cover_quantization", lambda counter: contextlib.nullcontext())
-    a, b = _same_codes_other_scales(tmp_path, tiny_source, "plain")
+    a, b = _same_codes_other_scales(tmp_path, "plain")
     assert all("weight_keys" not in json.loads((x / "edgelm.json").read_text())["io"] for x in (a, b))
     together, b_alone = _pair("default", a, b), _pair("default", b)
     assert together["cache"] == [False, False]

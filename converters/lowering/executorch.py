@@ -12,7 +12,9 @@ so the runtime never moves it. Attention uses ExecuTorch's ``llama::update_cache
 ``llama::custom_sdpa`` kernels, which attend only to the filled part of the cache. With
 ``LowerOptions.attention == "portable"`` it uses plain ATen ops instead (``index_put_`` into the
 cache, kept in place by ExecuTorch's reinplace pass, and matmuls and softmax over the filled rows):
-the aarch64 build of the llama:: kernels needs ARMv8.2-A and dies with SIGILL on older cores.
+the aarch64 build of the llama:: kernels needs ARMv8.2-A and dies with SIGILL on older cores. Its
+methods take ``arange(start_pos + S)`` in place of ``[start_pos]`` (``io.position_input``), so the
+filled length is a size XNNPACK takes and the attention is delegated (``Decoder.length_input``).
 
 Weights go to a ``.ptd`` file beside the program (ExecuTorch's program-data
 separation): the XNNPACK-packed weights and the program's own constants then share
@@ -171,18 +173,26 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
         quant_report = quantize_torchao(m, opts.quant)
         if smoothing:
             quant_report["smoothing"] = smoothing
-    pos = torch.tensor([0], dtype=torch.long)
     seq = Dim("seq", min=2, max=max_prefill)
     max_verify = max(2, min(MAX_VERIFY, cfg.max_context))
     two = torch.zeros(1, 2, dtype=torch.long)
+    pos, pos_shape, deferred = torch.tensor([0], dtype=torch.long), None, False
+    if portable:  # input_pos: the positions in use after the call, whose length XNNPACK takes (Decoder.length_input)
+        m.length_input = True
+        pos, pos_shape = torch.arange(4), {0: Dim("length", min=1, max=cfg.max_context)}
+        deferred = True  # S <= length relates two dims: a runtime check, not an export error
+
+    def export_method(steps: Dim):
+        return export(m, (two, pos), dynamic_shapes=({1: steps}, pos_shape), strict=False,
+                      prefer_deferred_runtime_asserts_over_guards=deferred)
+
     with torch.no_grad():
         try:
             _int8_sdpa(m, False)  # an int8 cache's prefill attends over dequantized rows
-            programs = {"prefill": export(m, (two, pos), dynamic_shapes=({1: seq}, None), strict=False)}
+            programs = {"prefill": export_method(seq)}
             _int8_sdpa(m, quantized_decode)
             m.full_logits = True
-            programs["decode"] = export(m, (two, pos), dynamic_shapes=({1: Dim("step", min=1, max=max_verify)},
-                                                                       None), strict=False)
+            programs["decode"] = export_method(Dim("step", min=1, max=max_verify))
         except Exception as e:  # torch.export raises many types; surface them as one
             raise ConversionError(f"torch.export failed: {e}") from e
         finally:
@@ -222,6 +232,8 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
           "max_verify": max_verify,
           "kv_cache": "mutable_buffers", "kv_cache_dtype": opts.kv_cache, "data_file": final_data.name,
           "attention": opts.attention}  # "portable": the runtime need not load the llama:: kernels
+    if portable:  # the methods' second input: arange(start_pos + S), not [start_pos]
+        io["position_input"] = "length"
     if opts.kv_cache == "int8":
         io["kv_cache_decode"] = "int8 codes" if quantized_decode else "dequantized rows"
     if keyed[0] or not opts.quant.quantized:

@@ -193,11 +193,24 @@ class ExecuTorchBackend:
         # Reused input tensors: a decode step only writes two integers into them.
         self._tok = torch.zeros((1, 1), dtype=torch.long)
         self._pos = torch.zeros((1,), dtype=torch.long)
+        # "length" (portable bundles): the second input is arange(start_pos + S), a slice of this one
+        self._positions = None
+        if io.get("position_input", "start") == "length":
+            self._positions = torch.arange(manifest.max_context, dtype=torch.long)
+
+    def _inputs(self, tokens, start_pos: int) -> list:
+        if self._positions is not None:
+            end = start_pos + tokens.shape[1]
+            if end > len(self._positions):  # a shorter slice would silently move the tokens' positions
+                raise BundleError(f"positions {start_pos}..{end - 1} are past the context window "
+                                  f"({len(self._positions)})")
+            return [tokens, self._positions[:end]]
+        self._pos[0] = start_pos
+        return [tokens, self._pos]
 
     def _run(self, method, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         t = self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1))
-        self._pos[0] = start_pos
-        return method.execute([t, self._pos])[0].numpy()
+        return method.execute(self._inputs(t, start_pos))[0].numpy()
 
     def prefill(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         return self._run(self._prefill, tokens, start_pos).reshape(-1)
@@ -212,5 +225,4 @@ class ExecuTorchBackend:
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._tok[0, 0] = token
-        self._pos[0] = pos
-        return self._decode.execute([self._tok, self._pos])[0].numpy().reshape(-1)
+        return self._decode.execute(self._inputs(self._tok, pos))[0].numpy().reshape(-1)
