@@ -605,7 +605,8 @@ class Decoder(nn.Module):
     ``forward(tokens[1, S], input_pos[1])`` runs S tokens starting at position
     ``input_pos[0]`` and returns logits of the last position ``[1, vocab]`` (or of
     every position with ``full_logits=True``). With ``length_input`` (a .pte's impls),
-    ``input_pos`` is ``arange(start + S)`` instead, of which only the length is read. In functional mode pass ``caches``
+    ``input_pos`` is ``arange(start + S)`` instead, of which only the length is read.
+    In functional mode pass ``caches``
     (a list of (K, V) per layer, each [1, KV, T, D]) and get ``(logits, new_rows)``
     back, where ``new_rows`` holds each layer's K and V for the S new positions;
     ``logits_to_keep`` (int64 ``[n]``, indices into the S positions) then picks whose
@@ -642,9 +643,9 @@ class Decoder(nn.Module):
         self.window_attention = False
         self.impl = "plain"
         self.stateful = False
-        # a .pte's impls: input_pos is [start_pos + S] (the positions in use after the call; only its length is
-        # read) instead of [start_pos]. A start read from a tensor is an unbacked symbolic integer, and XNNPACK
-        # delegates no op whose shape depends on one; an input's length is a backed one, with an upper bound.
+        # a .pte's impls: input_pos has shape [start_pos + S] (the positions in use after the call; only its length
+        # is read) instead of holding [start_pos]. A start read from a tensor is an unbacked symbolic integer, and
+        # XNNPACK delegates no op whose shape depends on one; an input's length is a backed one, with an upper bound.
         self.length_input = False
 
     def make_stateful(self, impl: str = "plain", kv_cache: str = "fp32") -> Decoder:

@@ -39,6 +39,7 @@ def main() -> None:
     portable_lib._unsafe_reset_threadpool(args.threads)
     module = portable_lib._load_for_executorch(str(args.bundle / manifest["model_file"]),
                                                str(args.bundle / data) if data else None, enable_etdump=True)
+
     def positions(start: int, n: int) -> torch.Tensor:  # the second input (ExecuTorchBackend._inputs)
         return torch.arange(start + n) if manifest["io"].get("position_input") == "length" else torch.tensor([start])
 
