@@ -698,14 +698,13 @@ class Decoder(nn.Module):
         s = tokens.shape[1]
         t = self.cfg.max_context
         window = self.cfg.sliding_window
-        if self.impl in SYMBOLIC_START_IMPLS and self.length_input:
-            start_pos = input_pos.shape[0] - s  # a size: a symbolic integer XNNPACK takes (see length_input)
-            torch._check(start_pos >= 0)
-        elif self.impl in SYMBOLIC_START_IMPLS:
-            start_pos = input_pos[0].item()
-            torch._check(start_pos >= 0)
-            torch._check(start_pos + s <= t)
         if self.impl in SYMBOLIC_START_IMPLS:
+            if self.length_input:
+                start_pos = input_pos.shape[0] - s  # a size: a symbolic integer XNNPACK takes (see length_input)
+            else:
+                start_pos = input_pos[0].item()
+                torch._check(start_pos + s <= t)
+            torch._check(start_pos >= 0)
             rotary = self._rotary(start_pos, None, s)
             pos = mask = None  # custom_sdpa is causal by itself
             if self.cfg.attn_softcap or self.impl == "portable":  # attention in plain ops: a mask over the filled rows

@@ -2,17 +2,17 @@
 
     python scripts/interleaved_decode.py POSITION BUNDLE... [--rounds 7] [--steps 32] [--threads 2]
 
-Each round prefills POSITION random tokens and then decodes ``--steps`` tokens from there, in
-each bundle in turn; the medians over the rounds are printed. `edgelm bench` measures one bundle
-after the other, so a shared machine's drift (tens of percent here) can land on one row; in turns
-it lands on every bundle alike. Used for the README's .pte attention comparison.
+Each round runs, in each bundle in turn, what `edgelm bench` runs once per bundle: a generation
+(the KV cache forgotten first) from POSITION random prompt tokens, ``--steps`` tokens past the
+first one. The medians over the rounds are printed. `edgelm bench` measures one bundle after the
+other, so a shared machine's drift (tens of percent here) can land on one row; in turns it lands on
+every bundle alike. Used for the README's .pte attention comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
@@ -29,32 +29,21 @@ def main() -> None:
     args = ap.parse_args()
 
     engines = [Engine.load(b, threads=args.threads) for b in args.bundles]
-    if any(args.position + args.steps > e.max_context for e in engines):
-        raise SystemExit(f"position + steps ({args.position + args.steps}) exceeds a bundle's context window")
-    prompt = np.random.default_rng(0).integers(100, min(e.manifest.model.vocab_size for e in engines),
-                                               args.position).astype(np.int64)
+    vocab = min(e.manifest.model.vocab_size for e in engines)
+    prompt = np.random.default_rng(0).integers(100, vocab, args.position).tolist()
     prefill: dict[str, list[float]] = {b: [] for b in args.bundles}
     decode: dict[str, list[float]] = {b: [] for b in args.bundles}
     for _ in range(args.rounds):
         for name, engine in zip(args.bundles, engines):
-            backend, pos = engine.backend, 0
-            t = time.perf_counter()
-            while pos < args.position:  # chunks as the engine cuts them; a last chunk of one token is decoded
-                n = min(backend.max_prefill, args.position - pos)
-                if n >= 2:
-                    backend.prefill(prompt[pos:pos + n], pos)
-                else:
-                    backend.decode(int(prompt[pos]), pos)
-                pos += n
-            prefill[name].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for i in range(args.steps):
-                backend.decode(5, args.position + i)
-            decode[name].append((time.perf_counter() - t) / args.steps)
+            engine.reset()  # every round prefills the whole prompt
+            for _tok in engine.generate_ids(prompt, max_new_tokens=args.steps + 1, ignore_eos=True):
+                pass
+            prefill[name].append(engine.last_stats.prefill_s)
+            decode[name].append(engine.last_stats.decode_tps)
     for name in args.bundles:
         print(f"{name}: prefill of {args.position} tokens {statistics.median(prefill[name]) * 1e3:.0f} ms, "
-              f"decode {1 / statistics.median(decode[name]):.1f} tok/s "
-              f"(rounds {1 / max(decode[name]):.1f}-{1 / min(decode[name]):.1f})")
+              f"decode {statistics.median(decode[name]):.1f} tok/s "
+              f"(rounds {min(decode[name]):.1f}-{max(decode[name]):.1f})")
 
 
 if __name__ == "__main__":

@@ -176,15 +176,14 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
     seq = Dim("seq", min=2, max=max_prefill)
     max_verify = max(2, min(MAX_VERIFY, cfg.max_context))
     two = torch.zeros(1, 2, dtype=torch.long)
-    pos, pos_shape, deferred = torch.tensor([0], dtype=torch.long), None, False
+    pos, pos_shape = torch.tensor([0], dtype=torch.long), None
     if portable:  # input_pos: the positions in use after the call, whose length XNNPACK takes (Decoder.length_input)
         m.length_input = True
         pos, pos_shape = torch.arange(4), {0: Dim("length", min=1, max=cfg.max_context)}
-        deferred = True  # S <= length relates two dims: a runtime check, not an export error
 
-    def export_method(steps: Dim):
+    def export_method(steps: Dim):  # portable: S <= length relates two dims, a runtime check, not an export error
         return export(m, (two, pos), dynamic_shapes=({1: steps}, pos_shape), strict=False,
-                      prefer_deferred_runtime_asserts_over_guards=deferred)
+                      prefer_deferred_runtime_asserts_over_guards=portable)
 
     with torch.no_grad():
         try:
