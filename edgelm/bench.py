@@ -158,6 +158,29 @@ def run_row(row: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+TIMINGS = ("ttft_s", "prefill_tps", "decode_tps", "overhead_share", "acceptance")
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from its results in several rounds (``edgelm bench --rounds``): each timing's median is the median
+    of the rounds' medians, its min and max those of all runs; each round's median is kept (``"rounds"``); peak
+    RSS is the highest, a bundle's load time the median."""
+    if len(rounds) == 1:
+        return rounds[0]
+    row = dict(rounds[0])
+    row["rounds"] = {}
+    for k in TIMINGS:
+        if k in row:
+            medians = [r[k]["median"] for r in rounds]
+            row[k] = {"median": statistics.median(medians), "min": min(r[k]["min"] for r in rounds),
+                      "max": max(r[k]["max"] for r in rounds)}
+            row["rounds"][k] = medians
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    if "load_s" in row:  # bundle rows
+        row["load_s"] = statistics.median(r["load_s"] for r in rounds)
+    return row
+
+
 def machine_info() -> dict[str, Any]:
     """What makes a run reproducible: CPU model, cores, Python, package versions."""
     info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(),

