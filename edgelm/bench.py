@@ -53,9 +53,14 @@ def _kv_label(manifest) -> str:
     return "" if kv == "fp32" else f", {kv} KV cache"
 
 
+def _attention_label(manifest) -> str:
+    """``, portable attention`` for a .pte without ExecuTorch's llama:: kernels, else ``""``."""
+    return ", portable attention" if manifest.io.get("attention") == "portable" else ""
+
+
 def _bundle_label(manifest) -> str:
     return (f"edgelm {manifest.format} {manifest.scheme}" + _int4_label(manifest) + _kv_label(manifest)
-            + _compressed_label(manifest.source))
+            + _attention_label(manifest) + _compressed_label(manifest.source))
 
 
 def _model_bytes(manifest) -> int:

@@ -554,8 +554,12 @@ def test_portable_pte_attention_runs_without_the_llama_kernels(tiny_pte, tmp_pat
     from edgelm.errors import BundleError
     from edgelm.runtime import Engine
 
+    engine = Engine.load(out, threads=1)
     with pytest.raises(BundleError, match="past the context window"):  # its position input cannot be cut short
-        Engine.load(out, threads=1).backend.decode(5, 128)
+        engine.backend.decode(5, 128)
+    from edgelm.bench import row_name_and_size
+
+    assert row_name_and_size(engine)[0] == "edgelm pte fp32, portable attention"  # bench rows tell them apart
     assert_clean_error(edgelm("convert", "builtin:tiny", "-o", tmp_path / "kv8", "--pte-attention", "portable",
                               "--kv-cache", "int8"), "needs ExecuTorch's llama:: kernels")
     assert not (tmp_path / "kv8").exists()
