@@ -274,11 +274,10 @@ def test_convert_a_folder_to_every_format(tmp_path, arch, formats):
             np.testing.assert_allclose(b.prefill(np.array(got[:4], dtype=np.int64), n), clean, atol=1e-4)
 
 
-
 def test_portable_pte_plans_no_second_cache(tmp_path):
     """A portable .pte's in-place cache writes are also the graph's buffer-mutation outputs; ExecuTorch's planner
-    used to give each of them room in the activation arena, a second copy of the whole cache that the runtime
-    allocated and zero-filled (94 MB for SmolLM2 at 2048). A four-layer model with a long context, where the
+    used to give each of them room in the activation arena, a second copy of the whole cache's size that the
+    runtime allocated (94 MB for SmolLM2 at 2048). A four-layer model with a long context, where the
     cache dwarfs the activations: the arena now holds less than half the cache (two layers' rows at most)."""
     from edgelm.converters.compress.checkpoint import save_checkpoint
     from edgelm.converters.sources import load_tiny
