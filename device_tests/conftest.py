@@ -28,6 +28,13 @@ HERE = Path(__file__).resolve().parent
 FORMATS = ("onnx", "tflite", "pte")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """No pytest-xdist workers here (pyproject.toml's ``-n auto`` is for tests/): the device tests share one
+    device, one working folder on it and one report."""
+    return 0
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("edgelm device tests")
     g.addoption("--device", default=os.environ.get("EDGELM_DEVICE"),
