@@ -606,9 +606,9 @@ class Decoder(nn.Module):
     ``input_pos[0]`` and returns logits of the last position ``[1, vocab]`` (or of
     every position with ``full_logits=True``). With ``length_input`` (a .pte's impls),
     ``input_pos`` is ``arange(start + S)`` instead, of which only the length is read.
-    In functional mode pass ``caches``
-    (a list of (K, V) per layer, each [1, KV, T, D]) and get ``(logits, new_rows)``
-    back, where ``new_rows`` holds each layer's K and V for the S new positions;
+    In functional mode pass ``caches`` (a list of (K, V) per layer, each [1, KV, T, D])
+    and get ``(logits, new_rows)`` back, where ``new_rows`` holds each layer's K and V
+    for the S new positions;
     ``logits_to_keep`` (int64 ``[n]``, indices into the S positions) then picks whose
     logits come back, ``[1, n, vocab]``.
     """

@@ -93,6 +93,9 @@ def sampling_label(sampling: dict[str, Any] | None) -> str:
     return f", sampled ({', '.join(parts)})"
 
 
+TIMINGS = ("ttft_s", "prefill_tps", "decode_tps", "overhead_share", "acceptance")  # a row's timed figures
+
+
 def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64, runs: int = 5,
                  warmup: int = 1, threads: int | None = None, chat: bool = True, draft: str | None = None,
                  draft_tokens: int = 5, lookup: int = 0, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -107,7 +110,7 @@ def bench_bundle(bundle: str, prompt: str = DEFAULT_PROMPT, new_tokens: int = 64
     engine = Engine.load(bundle, threads=threads, draft=draft, draft_tokens=draft_tokens, lookup=lookup)
     load_s = time.perf_counter() - t
     ids = engine.encode_prompt(prompt, chat=chat and bool(engine.manifest.chat_template))
-    keys = ["ttft_s", "prefill_tps", "decode_tps", "overhead_share"] + (["acceptance"] if engine.speculative else [])
+    keys = [k for k in TIMINGS if k != "acceptance" or engine.speculative]
     samples: dict[str, list[float]] = {k: [] for k in keys}
     first: list[int] = []
     for i in range(warmup + runs):
@@ -161,9 +164,6 @@ def run_row(row: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
         raise EdgeLMError(f"benchmark row {row.get('kind')} {row.get('bundle', '')} failed: "
                           f"{err[-1] if err else 'no output'}")
     return json.loads(lines[-1])
-
-
-TIMINGS = ("ttft_s", "prefill_tps", "decode_tps", "overhead_share", "acceptance")
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
