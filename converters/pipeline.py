@@ -47,7 +47,7 @@ class ConvertOptions:
     scheme: str = "fp32"
     group_size: int = 32
     max_context: int | None = None
-    kv_cache: str = "fp32"  # the KV cache's elements: fp32, or int8 (pte only)
+    kv_cache: str = "fp32"  # the KV cache's elements: fp32, or int8 (edgelm.config.INT8_KV_FORMATS)
     pte_attention: str = "custom"  # pte: ExecuTorch's llama:: kernels, or plain ops (edgelm.config.PTE_ATTENTIONS)
     max_prefill: int = 512
     prefill_lengths: tuple[int, ...] = ()

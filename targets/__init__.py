@@ -42,7 +42,7 @@ except ModuleNotFoundError:  # Python 3.10
     except ModuleNotFoundError:
         tomllib = None
 
-from edgelm.config import KV_CACHE_DTYPES, PTE_ATTENTIONS, ModelConfig
+from edgelm.config import INT8_KV_FORMATS, KV_CACHE_DTYPES, PTE_ATTENTIONS, ModelConfig
 from edgelm.errors import EdgeLMError
 
 __all__ = [
@@ -627,16 +627,18 @@ def _tflite_copies(w: int, fp32: int, scheme: str, signatures: int) -> int:
 _WEIGHT_COPIES = {"pte": _pte_copies, "onnx": _onnx_copies, "tflite": _tflite_copies}
 
 
-def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1, kv_cache: str = "fp32") -> int:
+def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1, kv_cache: str = "fp32",
+                   fmt: str = "pte") -> int:
     """K and V caches of every layer, ``max_context`` positions long (the cache is static).
 
-    ``kv_cache``: ``fp32`` (4 B an element) or ``int8`` (1 B an element, plus an fp32 scale and an int8
-    zero point per position and head). A convolution layer's cache (LFM2) is fp32 either way.
+    ``kv_cache``: ``fp32`` (4 B an element) or ``int8`` (1 B an element, plus an fp32 scale per position and
+    head, and in a .pte, whose rows are asymmetric, an int8 zero point). A convolution layer's cache (LFM2) is
+    fp32 either way.
     ``copies``: a tflite bundle keeps one per signature, since each signature's cache inputs are
     its own tensors (the backend brings a prefill signature's copy up to date when it runs)."""
     if kv_cache not in KV_CACHE_DTYPES:
         raise TargetError(f"unknown KV cache type {kv_cache!r}; choose one of: {', '.join(KV_CACHE_DTYPES)}")
-    row = {"fp32": 4 * cfg.head_dim, "int8": cfg.head_dim + 5}
+    row = {"fp32": 4 * cfg.head_dim, "int8": cfg.head_dim + (5 if fmt == "pte" else 4)}
     per_position = sum(kv * row["fp32" if cfg.is_conv(i) else kv_cache] for i, kv in enumerate(cfg.n_kv_heads))
     return 2 * per_position * max_context * copies
 
@@ -671,7 +673,7 @@ def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | N
     return MemoryEstimate(
         target=profile.name, format=fmt, scheme=scheme, max_context=max_context,
         parameters=model_config.num_parameters(), weights_bytes=weights_bytes(model_config, scheme, group),
-        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1, kv_cache),
+        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1, kv_cache, fmt),
         activations_bytes=activations_bytes(model_config, max_context, max_prefill),
         runtime_bytes=RUNTIME_BASE_BYTES[fmt],
         copies_bytes=weight_copies_bytes(model_config, fmt, scheme, group, signatures),
@@ -732,7 +734,7 @@ def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None
     :func:`weights_bytes`) + the runtime's copies of them (:func:`weight_copies_bytes`, by format)
     + the KV cache (:func:`kv_cache_bytes`; fp32: ``2 * sum(n_kv_heads * head_dim) * max_context * 4``)
     + activations of one prefill chunk + the runtime process (``RUNTIME_BASE_BYTES``, by format). The
-    error says what would fit: the largest max_context, an int8 KV cache (pte), a smaller scheme,
+    error says what would fit: the largest max_context, an int8 KV cache (pte, onnx), a smaller scheme,
     another of the profile's formats, or the parameter count to prune to.
     """
     est = estimate_memory(profile, model_config, scheme, max_context, fmt, prefill_lengths, kv_cache)
@@ -741,7 +743,7 @@ def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None
 
     def at(scheme: str = est.scheme, ctx: int = est.max_context, fmt: str = est.format,
            kv: str = est.kv_cache) -> MemoryEstimate:
-        kv = kv if fmt == "pte" else "fp32"  # only a .pte holds an int8 cache
+        kv = kv if fmt in INT8_KV_FORMATS else "fp32"  # a .tflite holds no int8 cache
         return estimate_memory(profile, model_config, scheme, ctx, fmt, prefill_lengths, kv)
 
     ideas = []
@@ -751,7 +753,7 @@ def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None
     else:
         fixed = est.weights_bytes + est.copies_bytes + est.runtime_bytes
         ideas.append(f"no --max-context helps at {est.scheme} (weights and runtime alone need ~{_mb(fixed)})")
-    if est.format == "pte" and est.kv_cache == "fp32" and at(kv="int8").fits:
+    if est.format in INT8_KV_FORMATS and est.kv_cache == "fp32" and at(kv="int8").fits:
         ideas.append(f"--kv-cache int8 (needs ~{_mb(at(kv='int8').total_bytes)})")
     smaller = [s for s in _SMALLER if s != est.scheme and s in FORMAT_SCHEMES[est.format]
                and at(scheme=s).total_bytes < est.total_bytes]

@@ -356,7 +356,7 @@ def test_convert_with_target_profiles_records_their_choices(tmp_path):
     assert manifest["max_context"] == profile.convert.max_context
     assert edgelm("run", out, "hello", "-n", "4", check=True).returncode == 0
     # explicit flags override the profile; an int8 KV cache for an aarch64 target decodes over the int8 codes
-    # with ExecuTorch's quantized kernel (test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere: the host's)
+    # with ExecuTorch's quantized kernel (test_kv_cache_int8_for_pte_and_a_clear_refusal_for_tflite: the host's)
     out2 = tmp_path / "android"
     edgelm("convert", "builtin:tiny", "--target", "android-arm64", "-q", "w4a8", "--max-context", "64", "-o", out2,
            "--kv-cache", "int8", *relaxed, check=True)
@@ -476,12 +476,12 @@ def _operators(pte) -> dict[str, set[str]]:
     return {p.name: {op.name for op in p.operators} for p in getattr(program, "program", program).execution_plan}
 
 
-def test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere(tiny_pte, tmp_path):
+def test_kv_cache_int8_for_pte_and_a_clear_refusal_for_tflite(tiny_pte, tmp_path):
     """--kv-cache int8: the .pte plans an int8 cache of the size edgelm estimates (3x smaller than fp32 here),
     the conversion is judged like a quantized one, and inspect and run work. Prefill attends over dequantized
     rows; so does decode on an x86 host, and over the int8 codes with ExecuTorch's quantized kernel on aarch64
     (lowering.executorch.int8_decode_kernel; an aarch64 target: test_convert_with_target_profiles_...).
-    ONNX and TFLite refuse it before any work."""
+    TFLite refuses it before any work (ONNX holds one: tests/test_onnx.py::test_int8_kv_cache)."""
     from edgelm.bundle import load_manifest
     from edgelm.targets import kv_cache_bytes
 
@@ -511,9 +511,9 @@ def test_kv_cache_int8_for_pte_and_a_clear_refusal_elsewhere(tiny_pte, tmp_path)
     assert bench["rows"][0]["name"] == "edgelm pte fp32, int8 KV cache"
     deep = edgelm("evaluate", out, "--window", "120", "--eval-windows", "1", check=True).stdout  # one long window
     assert "over 120 tokens" in deep and float(re.search(r"top-1 ([\d.]+)", deep).group(1)) >= 0.9
-    for fmt in ("onnx", "tflite", "all"):
+    for fmt in ("tflite", "all"):
         assert_clean_error(edgelm("convert", "builtin:tiny", "-f", fmt, "--kv-cache", "int8", "-o", tmp_path / fmt),
-                           "cannot hold an int8 KV cache", "built for pte")
+                           "tflite format cannot hold an int8 KV cache", "built for pte and onnx")
         assert not (tmp_path / fmt).exists()
 
 

@@ -157,7 +157,8 @@ def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
     rows dequantized for the fp32 kernel; for Gemma 2's capped scores, rows dequantized here). In the first
     layer, whose input is the fp32 model's, each cached row decodes back to the fp32 row within half a step of
     its own scale; the logits, through chunked prefill and decoding, stay within 5% of fp32's and keep their
-    argmax. A convolution layer's cache stays fp32."""
+    argmax, and so do the functional int8 cache's (ONNX's, symmetric rows). A convolution layer's cache stays
+    fp32."""
     from edgelm.converters.model import dequantize_rows
 
     if variant == "lfm2":
@@ -176,6 +177,11 @@ def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
             block.attn.int8_sdpa = kv == "int8"
     ref, got, dequantized = (_run_stateful(runs[kv], ids, [17, 1, 1, 21]) for kv in runs)
     assert (ref - dequantized).abs().max() < 0.05 * ref.abs().max()
+    functional = build_decoder(cfg, sd).functional_cache("int8")  # the ONNX graph's int8 cache (symmetric rows)
+    functional.full_logits = functional.window_attention = True
+    onnx_like = _run_functional(functional, ids, [17, 1, 1, 21])
+    assert (ref - onnx_like).abs().max() < 0.05 * ref.abs().max()
+    assert (ref.argmax(-1) == onnx_like.argmax(-1)).float().mean() >= 0.95
     assert (ref.argmax(-1) == dequantized.argmax(-1)).float().mean() >= 0.95
     fp32, int8 = runs["fp32"].layers, runs["int8"].layers
     attn = [i for i in range(cfg.n_layers) if not cfg.is_conv(i)]
@@ -190,6 +196,21 @@ def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
         assert err.max() > 0  # the rows are quantized, not kept
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.95  # random weights: near ties may flip
     assert (ref - got).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_symmetric_row_quantization():
+    """The ONNX int8 cache's rows: codes in -127..127 with the row's largest magnitude at ±127, and every row
+    decodes (code * scale) to within half a step of itself; rows of one sign and all-zero rows included."""
+    from edgelm.converters.model import quantize_rows_symmetric
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 200, 64, generator=g) * torch.rand(1, 3, 200, 1, generator=g) * 20
+    x[0, 0, 0], x[0, 0, 1], x[0, 0, 2] = 0.0, x[0, 0, 1].abs(), -x[0, 0, 2].abs()
+    codes, scales = quantize_rows_symmetric(x)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scales.shape == (1, 3, 200, 1)
+    assert codes.min() >= -127 and ((codes.abs().amax(dim=-1) == 127) == (x.abs().amax(dim=-1) > 0)).all()
+    assert ((codes.float() * scales - x).abs() <= scales * 0.5001).all()
+    assert (codes[0, 0, 0] == 0).all()
 
 
 def test_lfm2_refusals():
@@ -462,6 +483,21 @@ def _run_stateful(model, ids, chunks):
         for n in chunks:  # a length input: the positions in use after the call
             positions = torch.arange(pos + n) if model.length_input else torch.tensor([pos])
             outs.append(model(ids[:, pos:pos + n], positions))
+            pos += n
+    return torch.cat(outs, dim=1)
+
+
+def _run_functional(model, ids, chunks):
+    """:func:`_run_stateful` for a functional model: each call's new rows written into the caches by hand, as a
+    runtime does."""
+    outs, pos, caches = [], 0, model.empty_caches()
+    with torch.no_grad():
+        for n in chunks:
+            logits, rows = model(ids[:, pos:pos + n], torch.tensor([pos]), caches)
+            for cache, new in zip(caches, rows, strict=True):
+                for c, r in zip(cache, new, strict=True):
+                    c[:, :, pos:pos + n] = r
+            outs.append(logits)
             pos += n
     return torch.cat(outs, dim=1)
 

@@ -379,7 +379,7 @@ def test_suggested_context_and_scheme_do_fit():
         check_memory(p, one_b, "w8a8", ctx + 16)
 
 
-def test_an_int8_kv_cache_is_counted_and_suggested_for_pte():
+def test_an_int8_kv_cache_is_counted_and_suggested_for_pte_and_onnx():
     p = load_profile("raspberry-pi-4")
     one_b = ModelConfig(arch="llama", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                         ffn_dim=8192, head_dim=64, tie_embeddings=True)
@@ -391,8 +391,11 @@ def test_an_int8_kv_cache_is_counted_and_suggested_for_pte():
     assert "fp32 KV cache 1,024 MB" in msg and "--kv-cache int8 (needs ~" in msg
     est = check_memory(p, one_b, "w8a8", 16384, "pte", kv_cache="int8")
     assert est.fits and est.kv_cache == "int8" and "int8 KV cache 276 MB" in est.summary()
-    with pytest.raises(TargetError) as info:  # only a .pte can hold one
+    with pytest.raises(TargetError) as info:  # an .onnx holds one too
         check_memory(p, one_b, "w8a8", 16384, "onnx")
+    assert "--kv-cache int8 (needs ~" in str(info.value)
+    with pytest.raises(TargetError) as info:  # a .tflite cannot
+        check_memory(p, one_b, "w8a8", 16384, "tflite")
     assert "--kv-cache" not in str(info.value)
     lfm2 = dataclasses.replace(one_b, conv_layers=list(range(12)), conv_kernel=3, n_heads=[16] * 12 + [32] * 4,
                                n_kv_heads=[16] * 12 + [8] * 4)  # a convolution layer's cache stays fp32

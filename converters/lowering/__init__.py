@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgelm.config import INT8_KV_FORMATS
 from edgelm.converters.quant import QuantSpec, check_scheme
 from edgelm.errors import FormatError
 
@@ -84,6 +85,6 @@ def get_lowering(fmt: str, scheme: str | None = None, kv_cache: str | None = Non
         check_scheme(fmt, scheme, schemes)
     if kv_cache is not None and kv_cache not in _KV_CACHES[fmt]:
         raise FormatError(f"the {fmt} format cannot hold an {kv_cache} KV cache (it keeps "
-                          f"{' or '.join(_KV_CACHES[fmt])}); an int8 KV cache is built for pte (ExecuTorch's "
-                          f"quantized attention kernel)")
+                          f"{' or '.join(_KV_CACHES[fmt])}); an int8 cache is built for "
+                          f"{' and '.join(INT8_KV_FORMATS)}: use one of those formats, or --kv-cache fp32")
     return ext, fn

@@ -63,13 +63,28 @@ PRESENT = "new_rows"
 SCHEMES = ("fp32", "w8", "w8a8", "w8a8-static", "w4a8")
 
 
-def input_names(n_layers: int) -> list[str]:
-    return ["input_ids", "position_ids", "logits_to_keep"] + [f"past_key_values.{i}.{kv}" for i in range(n_layers)
-                                            for kv in ("key", "value")]
+#: The cache tensors of one layer, by the layer's cache type: an int8 cache has codes, then a scale per row
+#: (``[1, kv_heads, max_context, 1]``), for K and for V.
+CACHE_PARTS = {"fp32": ("key", "value"), "int8": ("key", "key_scale", "value", "value_scale")}
 
 
-def output_names(n_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+def cache_names(kinds: list[str], prefix: str) -> list[str]:
+    """``{prefix}.{i}.{part}`` for each layer's cache type in ``kinds`` (``fp32`` or ``int8``)."""
+    return [f"{prefix}.{i}.{part}" for i, kind in enumerate(kinds) for part in CACHE_PARTS[kind]]
+
+
+def input_names(kinds: list[str]) -> list[str]:
+    return ["input_ids", "position_ids", "logits_to_keep", *cache_names(kinds, "past_key_values")]
+
+
+def output_names(kinds: list[str]) -> list[str]:
+    return ["logits", *cache_names(kinds, "present")]
+
+
+def layer_cache_kinds(decoder: nn.Module) -> list[str]:
+    """Each layer's functional cache type: ``int8`` for an attention layer with an int8 cache, else ``fp32``
+    (an LFM2 convolution layer's cache stays fp32)."""
+    return ["int8" if getattr(block.attn, "kv_int8", False) else "fp32" for block in decoder.layers]
 
 
 class OnnxStep(nn.Module):
@@ -93,20 +108,24 @@ class OnnxStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
                 past: list[torch.Tensor]):
-        n = len(past) // 2
-        logits, rows = self.decoder(input_ids, position_ids[:, 0], [(past[2 * i], past[2 * i + 1]) for i in range(n)],
-                                    logits_to_keep)
+        caches, at = [], 0
+        for kind in layer_cache_kinds(self.decoder):  # the flat list, cut into each layer's cache tensors
+            caches.append(tuple(past[at:at + len(CACHE_PARTS[kind])]))
+            at += len(CACHE_PARTS[kind])
+        logits, rows = self.decoder(input_ids, position_ids[:, 0], caches, logits_to_keep)
         return (logits, *(t for kv in rows for t in kv))
 
 
-def functional_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` in functional mode (cache as inputs), last-position logits."""
+def functional_copy(model: nn.Module, kv_cache: str = "fp32") -> nn.Module:
+    """A deep copy of ``model`` in functional mode (cache as inputs, of element type ``kv_cache``),
+    last-position logits."""
     m = copy.deepcopy(model)
     for mod in (m, *(block.attn for block in m.layers)):
         mod.impl, mod.stateful = "plain", False
     for block in m.layers:  # a stateful model's cache buffers are not part of the graph
-        for name in ("k_cache", "v_cache"):
+        for name in ("k_cache", "v_cache", "k_scales", "k_zeros", "v_scales", "v_zeros"):
             block.attn._buffers.pop(name, None)
+    m.functional_cache(kv_cache)
     if m.cfg.tie_embeddings:  # keep one tensor for both uses, so it is stored once
         m.output.weight = m.tok_embeddings.weight
     m.full_logits = False
@@ -130,13 +149,14 @@ def _initializer_bytes(model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-@register_lowering("onnx", ".onnx", schemes=SCHEMES)
+@register_lowering("onnx", ".onnx", schemes=SCHEMES, kv_caches=("fp32", "int8"))
 def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     """Export ``model`` (a canonical Decoder) to ``out`` (+ ``out.data`` for large weights)."""
     cfg = model.cfg
     n = cfg.n_layers
     max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
-    step = OnnxStep(functional_copy(model)).eval()
+    step = OnnxStep(functional_copy(model, opts.kv_cache)).eval()
+    kinds = layer_cache_kinds(step.decoder)
     caches = [t for kv in step.decoder.empty_caches() for t in kv]
     sample = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 4]], dtype=torch.long),
               torch.tensor([0, 1], dtype=torch.long), caches)
@@ -150,7 +170,7 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         try:
             program = torch.onnx.export(
-                step, sample, dynamo=True, input_names=input_names(n), output_names=output_names(n),
+                step, sample, dynamo=True, input_names=input_names(kinds), output_names=output_names(kinds),
                 dynamic_shapes=dynamic, opset_version=OPSET, optimize=True, verbose=False, report=False,
             )
         except Exception as e:  # the exporter raises many types; surface them as one
@@ -158,14 +178,15 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     graph = program.model
     got_in = [v.name for v in graph.graph.inputs]
     got_out = [v.name for v in graph.graph.outputs]
-    if got_in != input_names(n) or got_out != output_names(n):
+    if got_in != input_names(kinds) or got_out != output_names(kinds):
         raise ConversionError(f"the exported graph has unexpected io names: inputs {got_in[:4]}..., "
                               f"outputs {got_out[:4]}...")
     for sym, name in ((graph.graph.inputs[0].shape[1], SEQ_AXIS), (graph.graph.inputs[2].shape[0], LOGITS_AXIS)):
         if not isinstance(sym, int) and getattr(sym, "value", None) not in (None, name):
             _rename_axis(graph, sym.value, name)
     meta = {"edgelm.present": PRESENT, "edgelm.cache_layout": "batch,kv_heads,max_context,head_dim",
-            "edgelm.max_context": str(cfg.max_context), "edgelm.max_prefill": str(max_prefill)}
+            "edgelm.max_context": str(cfg.max_context), "edgelm.max_prefill": str(max_prefill),
+            "edgelm.kv_cache": opts.kv_cache}
     graph.metadata_props.update(meta)
 
     data = out.with_name(out.name + ".data")
@@ -212,8 +233,17 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
             "present_shape": ["batch", "kv_heads", SEQ_AXIS, "head_dim"],
             "update": "the caller writes present.{i}.* into its cache at [:, :, start_pos:start_pos+sequence_length]",
         },
+        "kv_cache_dtype": opts.kv_cache,
         "data_file": data.name if external else None,
     }
+    if opts.kv_cache == "int8":
+        io["kv_cache"].update({
+            "dtype": "int8", "parts": {kind: list(CACHE_PARTS[kind]) for kind in sorted(set(kinds))},
+            "layer_parts": kinds,
+            "quantization": "per position and head, symmetric: x = code * scale, code int8 in -127..127, scale "
+                            "float32 of shape [batch, kv_heads, max_context, 1]",
+        })
+        io["kv_cache_decode"] = "int8 codes, scales folded into the scores and probabilities"
     if quant_report is not None:
         from edgelm.converters.lowering.onnx_quant import session_config
 

@@ -5,6 +5,9 @@ The backend owns the KV cache: one preallocated float32 buffer per layer and K/V
 I/O binding (ONNX Runtime reads it in place, no copy). The graph returns only the new
 rows (``present.{i}.*``, ``[1, kv_heads, S, head_dim]``), which land in small
 preallocated output buffers and are written into the cache at ``[start_pos:start_pos+S]``.
+An int8 cache (``--kv-cache int8``) is the same with more tensors per layer: int8 codes
+for K and V, and for each a float32 scale per row (``past_key_values.{i}.key_scale``,
+``[1, kv_heads, max_context, 1]``); the graph quantizes the new rows.
 A decode step thus moves one token id, one position, one K/V row per layer and the
 logits; never the whole cache.
 
@@ -31,7 +34,8 @@ from edgelm.runtime.backends import default_threads, quiet_native_stderr, regist
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+_PAST = "past_key_values."
 
 # A session's intra-op threads spin for a while after each run, waiting for more work. Two sessions
 # taking turns (a speculative target and its draft) then fight over the cores: on 2 cores, 5 steps of
@@ -87,10 +91,13 @@ class OnnxRuntimeBackend:
     def _setup(self, model: Path, io: dict) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        n = len([k for k in inputs if k.startswith("past_key_values.")]) // 2
-        past = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-        present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-        missing = [k for k in ("input_ids", "position_ids", *past) if k not in inputs]
+        # every cache tensor, in the graph's order: K and V per layer, and with an int8 cache each one's scales
+        # (past_key_values.{i}.key_scale ...); each has a present.* twin holding its new rows
+        past = [k for k in inputs if k.startswith(_PAST)]
+        present = ["present." + k[len(_PAST):] for k in past]
+        n = len([k for k in past if k.endswith(".key")])
+        missing = [k for k in ("input_ids", "position_ids") if k not in inputs]
+        missing += [f"{_PAST}{i}.{kv}" for i in range(n) for kv in ("key", "value") if f"{_PAST}{i}.{kv}" not in inputs]
         missing += [k for k in ("logits", *present) if k not in outputs]
         if n == 0:
             missing.append("past_key_values.{i}.key|value")
@@ -109,7 +116,8 @@ class OnnxRuntimeBackend:
         for name in past:
             shape, dtype = inputs[name].shape, _DTYPES.get(inputs[name].type)
             if dtype is None or any(not isinstance(d, int) for d in shape):
-                raise BundleError(f"{model}: {name} must be a static float tensor, got {inputs[name].type} {shape}")
+                raise BundleError(f"{model}: {name} must be a static float or int8 tensor, got {inputs[name].type} "
+                                  f"{shape}")
             self.caches.append(np.zeros(shape, dtype=dtype))
         self.max_context = self.caches[0].shape[2]
         vocab = outputs["logits"].shape[-1]
