@@ -269,6 +269,17 @@ def test_calibration_reader_feeds_chunks_through_a_consistent_cache(bundles, tmp
     np.testing.assert_allclose(last, _run(fp32, window), atol=1e-4)
 
 
+def test_calibrated_scheme_with_an_int8_cache(tmp_path):
+    """w8a8-static calibrates through the graph's own cache inputs, which an int8 cache makes int8 codes and
+    float32 scales: the reader feeds each input in its own type (a float32 feed was refused by the graph)."""
+    import onnx
+
+    out = _convert(tmp_path, "w8a8-static", kv_cache="int8")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert {v.name: v.type.tensor_type.elem_type for v in graph.input}["past_key_values.0.key"] == onnx.TensorProto.INT8
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # calibrated activations
+
+
 def test_onnx_declares_every_scheme():
     from edgelm.converters.lowering import supported_schemes
     from edgelm.converters.quant import SCHEMES

@@ -391,10 +391,11 @@ def test_an_int8_kv_cache_is_counted_and_suggested_for_pte_and_onnx():
     assert "fp32 KV cache 1,024 MB" in msg and "--kv-cache int8 (needs ~" in msg
     est = check_memory(p, one_b, "w8a8", 16384, "pte", kv_cache="int8")
     assert est.fits and est.kv_cache == "int8" and "int8 KV cache 276 MB" in est.summary()
-    with pytest.raises(TargetError) as info:  # an .onnx holds one too
+    with pytest.raises(TargetError) as info:  # an .onnx holds one too, without zero points
         check_memory(p, one_b, "w8a8", 16384, "onnx")
     assert "--kv-cache int8 (needs ~" in str(info.value)
-    with pytest.raises(TargetError) as info:  # a .tflite cannot
+    assert kv_cache_bytes(one_b, 1024, kv_cache="int8", fmt="onnx") == 2 * 16 * 8 * (64 + 4) * 1024
+    with pytest.raises(TargetError) as info:  # a .tflite cannot hold one
         check_memory(p, one_b, "w8a8", 16384, "tflite")
     assert "--kv-cache" not in str(info.value)
     lfm2 = dataclasses.replace(one_b, conv_layers=list(range(12)), conv_kernel=3, n_heads=[16] * 12 + [32] * 4,
@@ -468,3 +469,13 @@ def test_memory_estimate_matches_the_measured_peak(fmt, smollm2_bundles):
     measured, estimated = float(row[3]), float(row[4])
     assert measured > 600  # the child really loaded the 540 MB of weights
     assert 0.85 < estimated / measured < 1.2, (fmt, estimated, measured)
+
+
+def test_memory_estimates_know_which_formats_hold_an_int8_cache():
+    """targets (stdlib only) reads INT8_KV_FORMATS; the lowerings declare what they hold. They agree."""
+    from edgelm.config import INT8_KV_FORMATS
+    from edgelm.converters.lowering import _KV_CACHES, FORMATS, get_lowering
+
+    for fmt in FORMATS:
+        get_lowering(fmt)
+        assert ("int8" in _KV_CACHES[fmt]) == (fmt in INT8_KV_FORMATS), fmt

@@ -371,11 +371,12 @@ class WindowReader:
 
     def _generate(self) -> Iterator[dict[str, np.ndarray]]:
         meta = onnx.load(str(self.fp32_path), load_external_data=False).graph.input
-        past = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in meta
-                if v.name.startswith("past_key_values.")]
+        past = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim],
+                 onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))  # an int8 cache: codes, scales
+                for v in meta if v.name.startswith("past_key_values.")]
         keep = any(v.name == "logits_to_keep" for v in meta)  # absent from graphs written before it
         for window in self.windows:
-            caches = {name: np.zeros(shape, dtype=np.float32) for name, shape in past}
+            caches = {name: np.zeros(shape, dtype=dtype) for name, shape, dtype in past}
             for start in range(0, len(window), self.chunk):
                 ids = np.asarray([window[start:start + self.chunk]], dtype=np.int64)
                 s = ids.shape[1]
@@ -386,7 +387,7 @@ class WindowReader:
                 if start + s < len(window):
                     outs = self._fp32().run(None, feed)[1:]
                     caches = {name: c.copy() for name, c in caches.items()}
-                    for (name, _), rows in zip(past, outs):
+                    for (name, _, _), rows in zip(past, outs):
                         caches[name][:, :, start:start + s] = rows
 
     def get_next(self) -> dict[str, np.ndarray] | None:
