@@ -134,15 +134,27 @@ def host_bundle(request, device_url, tmp_path_factory, report) -> Path:
     if given:
         return Path(given)
     fmt = request.config.getoption("--device-format")
+    t = time.perf_counter()
+    path = convert_tiny(tmp_path_factory.mktemp("device-bundle") / f"tiny-{fmt}", fmt,
+                        pte_attention=request.config.getoption("--pte-attention"))
+    report.data["convert_s"] = time.perf_counter() - t
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_converter():
+    """:func:`convert_tiny`, for tests that convert a bundle of their own."""
+    return convert_tiny
+
+
+def convert_tiny(out: Path, fmt: str, **options) -> Path:
+    """The tiny built-in model converted to ``fmt`` at ``out`` (skips without the conversion extra)."""
     try:
         from edgelm.converters.pipeline import ConvertOptions, convert
     except ImportError as e:
         pytest.skip(f"converting the tiny bundle needs the conversion extra ({e}); or pass --device-bundle")
-    t = time.perf_counter()
-    out = tmp_path_factory.mktemp("device-bundle") / f"tiny-{fmt}"
-    [(path, _)] = convert(ConvertOptions(source="builtin:tiny", out=out, format=fmt, progress=False,
-                                         max_prefill=16, pte_attention=request.config.getoption("--pte-attention")))
-    report.data["convert_s"] = time.perf_counter() - t
+    [(path, _)] = convert(ConvertOptions(source="builtin:tiny", out=out, format=fmt, progress=False, max_prefill=16,
+                                         **options))
     return path
 
 

@@ -124,3 +124,27 @@ def test_no_install_names_what_is_missing(deployed, transport, host_bundle, depl
         do_deploy(host_bundle, {**deploy_kwargs, "workdir": fresh}, install=False)
     assert "no working venv" in str(e.value) and "pip install" in str(e.value)
     assert transport.shell(f"test -e '{fresh}'", check=False).returncode != 0
+
+
+def test_int8_kv_cache_on_the_device(deployed, transport, host_bundle, deploy_kwargs, do_deploy, tiny_converter,
+                                    tmp_path, report):
+    """The tiny model converted again with an int8 KV cache (in an .onnx: int8 codes and float32 scales as graph
+    inputs) runs in the device's runtime and gives the host's greedy tokens."""
+    from edgelm.config import INT8_KV_FORMATS
+    from edgelm.deploy.deploy import Layout, run_ondevice
+    from edgelm.runtime import Engine
+
+    fmt = deployed.format
+    if fmt not in INT8_KV_FORMATS:
+        pytest.skip(f"a {fmt} bundle holds no int8 KV cache")
+    if Engine.load(host_bundle).manifest.io.get("attention") == "portable":
+        pytest.skip("a .pte with portable attention holds no int8 KV cache")
+    bundle = tiny_converter(tmp_path / f"tiny-{fmt}-kv8", fmt, kv_cache="int8")
+    there = do_deploy(bundle, deploy_kwargs, install=False)
+    host = Engine.load(bundle)
+    ids = host.encode_prompt(DEFAULT_PROMPT, chat=bool(host.manifest.chat_template))
+    want = list(host.generate_ids(ids, max_new_tokens=24, ignore_eos=True))
+    got = run_ondevice(transport, Layout(there.workdir), "generate",
+                       {"bundle": there.bundle, "ids": ids, "max_new_tokens": 24, "ignore_eos": True}, timeout=1800)
+    report.data["checks"]["int8_kv_cache_greedy"] = {"equal": got["tokens"] == want, "device_machine": got["machine"]}
+    assert got["tokens"] == want
