@@ -5,11 +5,11 @@ The backend owns the KV cache: one preallocated float32 buffer per layer and K/V
 I/O binding (ONNX Runtime reads it in place, no copy). The graph returns only the new
 rows (``present.{i}.*``, ``[1, kv_heads, S, head_dim]``), which land in small
 preallocated output buffers and are written into the cache at ``[start_pos:start_pos+S]``.
-An int8 cache (``--kv-cache int8``) is the same with more tensors per layer: int8 codes
-for K and V, and for each a float32 scale per row (``past_key_values.{i}.key_scale``,
-``[1, kv_heads, max_context, 1]``); the graph quantizes the new rows.
 A decode step thus moves one token id, one position, one K/V row per layer and the
-logits; never the whole cache.
+logits; never the whole cache. An int8 cache (``--kv-cache int8``) is the same with more
+tensors per layer: int8 codes for K and V, and for each a float32 scale per row
+(``past_key_values.{i}.key_scale``, ``[1, kv_heads, max_context, 1]``); the graph
+quantizes the new rows.
 
 The graph's ``logits_to_keep`` input names the positions whose logits come back: the last
 one in prefill and decode, all of them in :meth:`verify` (a speculative-decoding check of
