@@ -305,18 +305,24 @@ class Attention(nn.Module):
         b = q.shape[0]
         return self.q_norm(q.reshape(b, -1, self.hd)), self.k_norm(k.reshape(b, -1, self.hd))
 
-    def _attend(self, q, keys, values, mask):
+    def _attend(self, q, keys, values, mask, scales=None):
         """Grouped-query attention without repeating the cache.
 
         q: [B, S, H, D]; keys/values: [B, KV, T, D]; mask: [S, T] additive.
-        Query heads of one KV group are folded into the row axis.
+        Query heads of one KV group are folded into the row axis. ``scales``: K's and V's row scales
+        [B, KV, T, 1] when keys and values are int8 codes (as floats): they multiply the scores and the
+        probabilities (see :meth:`_attend_int8`).
         """
         b, s, h, d = q.shape
         g = h // self.n_kv
         q = q.transpose(1, 2).reshape(b, self.n_kv, g * s, d)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        scale = 1.0 / math.sqrt(d) if scales is None else scales[0].transpose(-1, -2) * (1.0 / math.sqrt(d))
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
         scores = soft_cap(scores, self.softcap) + mask.repeat(g, 1)
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [B, KV, g*S, D]
+        p = torch.softmax(scores, dim=-1)
+        if scales is not None:
+            p = p * scales[1].transpose(-1, -2)  # [B, KV, g*S, T]
+        out = torch.matmul(p, values)  # [B, KV, g*S, D]
         return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d)
 
     def _attend_capped(self, q, keys, values, mask):
@@ -408,14 +414,7 @@ class Attention(nn.Module):
             raise ValueError("an int8 functional cache needs window_attention (it reads the filled rows only)")
         new = (*quantize_rows_symmetric(k), *quantize_rows_symmetric(v))
         kc, ks, vc, vs = (torch.cat((c.narrow(2, 0, start_pos), r), dim=2) for c, r in zip(cache, new))
-        b, s, h, d = q.shape
-        g = h // self.n_kv
-        q = q.transpose(1, 2).reshape(b, self.n_kv, g * s, d)  # query heads of a KV group folded into the rows
-        scores = torch.matmul(q, kc.to(q.dtype).transpose(-1, -2)) * (ks.transpose(-1, -2) * (1.0 / math.sqrt(d)))
-        scores = soft_cap(scores, self.softcap) + mask.repeat(g, 1)
-        p = torch.softmax(scores, dim=-1) * vs.transpose(-1, -2)  # [B, KV, g*S, n]
-        out = torch.matmul(p, vc.to(q.dtype))  # [B, KV, g*S, D]
-        return out.view(b, h, s, d).transpose(1, 2).reshape(b, s, h * d), new
+        return self._attend(q, kc.to(q.dtype), vc.to(q.dtype), mask, (ks, vs)), new
 
     def _executorch_int8(self, q, k, v, mask, start_pos):
         """Attention over an int8 cache, as ExecuTorch's own ``QuantizedKVCache`` and ``QuantizedSDPA`` do it:
@@ -711,13 +710,18 @@ class Decoder(nn.Module):
             block.attn.k_cache.zero_()
             block.attn.v_cache.zero_()
 
+    def cache_kinds(self) -> list[str]:
+        """Each layer's functional cache type: ``int8`` for an attention layer given one by
+        :meth:`functional_cache`, else ``fp32`` (an LFM2 convolution layer's cache stays fp32)."""
+        return ["int8" if isinstance(block.attn, Attention) and block.attn.kv_int8 else "fp32" for block in self.layers]
+
     def empty_caches(self) -> list[tuple[torch.Tensor, ...]]:
         """Zeroed functional caches, one (K, V) pair per layer, [1, KV, T, D]; for a layer with an int8 cache
         (:meth:`functional_cache`) four tensors: K's codes and scales [1, KV, T, 1], then V's."""
         out = []
-        for i, block in enumerate(self.layers):
+        for i, kind in enumerate(self.cache_kinds()):
             shape = self.cfg.kv_cache_shape(i)
-            if getattr(block.attn, "kv_int8", False):
+            if kind == "int8":
                 rows = (*shape[:-1], 1)
                 out.append((torch.zeros(shape, dtype=torch.int8), torch.ones(rows),
                             torch.zeros(shape, dtype=torch.int8), torch.ones(rows)))

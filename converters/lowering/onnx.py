@@ -81,11 +81,6 @@ def output_names(kinds: list[str]) -> list[str]:
     return ["logits", *cache_names(kinds, "present")]
 
 
-def layer_cache_kinds(decoder: nn.Module) -> list[str]:
-    """Each layer's functional cache type: ``int8`` for an attention layer with an int8 cache, else ``fp32``
-    (an LFM2 convolution layer's cache stays fp32)."""
-    return ["int8" if getattr(block.attn, "kv_int8", False) else "fp32" for block in decoder.layers]
-
 
 class OnnxStep(nn.Module):
     """What the ONNX graph computes: one functional Decoder step over flat tensors.
@@ -109,7 +104,7 @@ class OnnxStep(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
                 past: list[torch.Tensor]):
         caches, at = [], 0
-        for kind in layer_cache_kinds(self.decoder):  # the flat list, cut into each layer's cache tensors
+        for kind in self.decoder.cache_kinds():  # the flat list, cut into each layer's cache tensors
             caches.append(tuple(past[at:at + len(CACHE_PARTS[kind])]))
             at += len(CACHE_PARTS[kind])
         logits, rows = self.decoder(input_ids, position_ids[:, 0], caches, logits_to_keep)
@@ -156,7 +151,7 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
     n = cfg.n_layers
     max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
     step = OnnxStep(functional_copy(model, opts.kv_cache)).eval()
-    kinds = layer_cache_kinds(step.decoder)
+    kinds = step.decoder.cache_kinds()
     caches = [t for kv in step.decoder.empty_caches() for t in kv]
     sample = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 4]], dtype=torch.long),
               torch.tensor([0, 1], dtype=torch.long), caches)
