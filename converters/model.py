@@ -260,8 +260,8 @@ class Attention(nn.Module):
         ``kv_cache`` elements (see :data:`KV_CACHE_DTYPES`)."""
         if kv_cache not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache type {kv_cache!r}; known: {KV_CACHE_DTYPES}")
-        if kv_cache == "int8" and impl != "executorch":
-            raise ValueError("an int8 KV cache needs the executorch attention impl")
+        if kv_cache == "int8" and impl not in SYMBOLIC_START_IMPLS:
+            raise ValueError(f"an int8 KV cache needs one of the attention impls {SYMBOLIC_START_IMPLS}")
         self.impl, self.stateful, self.kv_int8 = impl, True, kv_cache == "int8"
         if impl == "executorch":  # llama::update_cache wants [B, T, H, D]
             shape = (1, self.max_context, self.n_kv, self.hd)
@@ -273,7 +273,10 @@ class Attention(nn.Module):
             k_shape, shape = (self.n_kv, self.hd, self.max_context), (self.n_kv, self.max_context, self.hd)
         self.register_buffer("k_cache", torch.zeros(k_shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        if self.kv_int8:  # a scale and a zero point per cached row of a head, [B, T, H, 1]
+        if self.kv_int8 and impl == "portable":  # symmetric rows: a scale per row of a head, [KV, 1, T] for K and V
+            for name in ("k", "v"):
+                self.register_buffer(f"{name}_scales", torch.ones(self.n_kv, 1, self.max_context), persistent=False)
+        elif self.kv_int8:  # a scale and a zero point per cached row of a head, [B, T, H, 1]
             rows = (*shape[:-1], 1)
             for name in ("k", "v"):
                 self.register_buffer(f"{name}_scales", torch.ones(rows), persistent=False)
@@ -351,18 +354,37 @@ class Attention(nn.Module):
         transposed ([KV, D, T]) and values as [KV, T, D]; only the new rows, the queries and the output (S
         positions each) are permuted, and the query heads of a KV group are folded into the rows, so each matmul
         is one ``bmm`` over the KV heads.
+
+        An int8 cache (``kv_int8``) holds symmetric rows, as the ONNX graph's (:meth:`_attend_int8`): the new rows
+        are quantized first (:func:`quantize_rows_xnnpack`), the scales live in [KV, 1, T] buffers, K's multiply
+        the scores and V's the probabilities, and the filled rows' codes are only cast to float, never
+        dequantized. Their ``slice_copy`` moves a quarter of an fp32 cache's bytes.
         q: [B, S, H, D]; k, v: [B, S, KV, D] (B is 1). Returns [B, S, H * D].
         """
         b, s, h, d = q.shape
         g = h // self.n_kv
-        write_rows(self.k_cache, k.view(-1, self.n_kv, d).permute(1, 2, 0), start_pos, axis=2)
-        write_rows(self.v_cache, v.view(-1, self.n_kv, d).transpose(0, 1), start_pos, axis=1)
+        k, v = k.view(-1, self.n_kv, d), v.view(-1, self.n_kv, d)  # [S, KV, D]
         n = mask.shape[1]
+        scale = 1.0 / math.sqrt(d)
+        if self.kv_int8:
+            (kc, ks), (vc, vs) = quantize_rows_xnnpack(k), quantize_rows_xnnpack(v)  # [S, KV, D], [S, KV, 1]
+            k, v = kc, vc
+            write_rows(self.k_scales, ks.permute(1, 2, 0), start_pos, axis=2)
+            write_rows(self.v_scales, vs.permute(1, 2, 0), start_pos, axis=2)
+            scale = self.k_scales.narrow(2, 0, n) * scale  # [KV, 1, n]
+        write_rows(self.k_cache, k.permute(1, 2, 0), start_pos, axis=2)
+        write_rows(self.v_cache, v.transpose(0, 1), start_pos, axis=1)
         keys_t, values = self.k_cache.narrow(2, 0, n), self.v_cache.narrow(1, 0, n)  # [KV, D, n], [KV, n, D]
+        if self.kv_int8:  # ExecuTorch's portable kernel, one thread: as XNNPACK's convert (a dequantize with scale 1)
+            # it gave wrong logits once the filled length changed between calls (test_cli checks every position)
+            keys_t, values = keys_t.to(q.dtype), values.to(q.dtype)
         # -1 for the sequence axis in every reshape XNNPACK should take (it allows one inferred dim, no symbolic one)
         q = q.view(b, -1, self.n_kv, g, d).permute(0, 2, 3, 1, 4).contiguous().view(self.n_kv, -1, d)  # [KV, g*S, D]
-        scores = soft_cap(torch.bmm(q, keys_t) * (1.0 / math.sqrt(d)), self.softcap) + mask
-        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV, g*S, D]
+        scores = soft_cap(torch.bmm(q, keys_t) * scale, self.softcap) + mask
+        p = torch.softmax(scores, dim=-1)
+        if self.kv_int8:
+            p = p * self.v_scales.narrow(2, 0, n)
+        out = torch.bmm(p, values)  # [KV, g*S, D]
         return out.view(b, self.n_kv, g, -1, d).permute(0, 3, 1, 2, 4).contiguous().view(b, -1, h * d)
 
     def forward(self, x, cos, sin, rot, pos, mask, start_pos, cache=None):
@@ -471,6 +493,18 @@ def quantize_rows_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     llama.cpp's Q8_0 with one block per row), in plain ops: the ONNX int8 cache (:meth:`Attention._attend_int8`)."""
     scales = torch.clamp(x.abs().amax(dim=-1, keepdim=True) * (1.0 / 127.0), min=torch.finfo(torch.float32).eps)
     return torch.clamp(torch.round(x * (1.0 / scales)), -127.0, 127.0).to(torch.int8), scales
+
+
+def quantize_rows_xnnpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_symmetric` for the portable .pte's new rows x [S, KV, D], in ops XNNPACK takes up to the
+    final cast: a 4-D ``max`` over the last axis (XNNPACK takes no ``amax``) and ``floor(y + 0.5)`` (it takes no
+    ``round``; ties round up, not to even). With ``amax`` and ``round`` left to ExecuTorch's portable kernels
+    between XNNPACK's ops, its partitioner built a partition with a dependency cycle and the export failed."""
+    _, kv, d = x.shape
+    x4 = x.view(1, -1, kv, d)
+    scales = torch.clamp(x4.abs().max(dim=3, keepdim=True).values * (1.0 / 127.0), min=torch.finfo(torch.float32).eps)
+    codes = torch.clamp(torch.floor(x4 / scales + 0.5), -127.0, 127.0).to(torch.int8)
+    return codes.view(-1, kv, d), scales.view(-1, kv, 1)
 
 
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -683,7 +717,7 @@ class Decoder(nn.Module):
 
     def make_stateful(self, impl: str = "plain", kv_cache: str = "fp32") -> Decoder:
         """Give every layer an in-place KV cache; ``impl`` picks the attention kernel, ``kv_cache`` the
-        attention layers' cache elements (``int8``: executorch only)."""
+        attention layers' cache elements (``int8``: a .pte's impls, executorch and portable)."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention impl {impl!r}; known: {ATTENTION_IMPLS}")
         if impl == "executorch":

@@ -132,9 +132,6 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
     formats = list(FORMATS) if opts.format == "all" else [opts.format]
     for fmt in formats:  # an unknown format, or a scheme or cache a format cannot do, fails before any heavy work
         get_lowering(fmt, opts.scheme, opts.kv_cache)
-        if fmt == "pte" and opts.pte_attention == "portable" and opts.kv_cache != "fp32":
-            raise FormatError(f"a {opts.kv_cache} KV cache needs ExecuTorch's llama:: kernels: use --kv-cache fp32 "
-                              "with --pte-attention portable, or --pte-attention custom on an ARMv8.2-A or x86 CPU")
         if opts.smooth and fmt not in SMOOTH_FORMATS:
             raise FormatError(f"--smooth is built for {' and '.join(SMOOTH_FORMATS)} (XNNPACK's int8 activations, one "
                               f"scale per row), not {fmt}")
@@ -157,7 +154,7 @@ def convert(opts: ConvertOptions) -> list[tuple[Path, dict[str, Any]]]:
 
                 for fmt in formats:  # each runtime keeps its own copies of the weights
                     check_memory(opts.target, source.config, opts.scheme, source.config.max_context, fmt,
-                                 opts.prefill_lengths, kv_cache=opts.kv_cache)
+                                 opts.prefill_lengths, kv_cache=opts.kv_cache, pte_attention=opts.pte_attention)
         if compressing:  # compression (issue 5): a smaller plain model, lowered like any other
             from edgelm.converters.compress.recipe import compress_source
 

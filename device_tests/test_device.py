@@ -129,7 +129,8 @@ def test_no_install_names_what_is_missing(deployed, transport, host_bundle, depl
 def test_int8_kv_cache_on_the_device(deployed, transport, host_bundle, deploy_kwargs, do_deploy, tiny_converter,
                                     tmp_path, report):
     """The tiny model converted again with an int8 KV cache (in an .onnx: int8 codes and float32 scales as graph
-    inputs) runs in the device's runtime and gives the host's greedy tokens."""
+    inputs; in a .pte: mutable buffers, attended by ExecuTorch's kernels or, with portable attention, by plain ops)
+    runs in the device's runtime and gives the host's greedy tokens."""
     from edgelm.config import INT8_KV_FORMATS
     from edgelm.deploy.deploy import Layout, run_ondevice
     from edgelm.runtime import Engine
@@ -137,9 +138,10 @@ def test_int8_kv_cache_on_the_device(deployed, transport, host_bundle, deploy_kw
     fmt = deployed.format
     if fmt not in INT8_KV_FORMATS:
         pytest.skip(f"a {fmt} bundle holds no int8 KV cache")
-    if Engine.load(host_bundle).manifest.io.get("attention") == "portable":
-        pytest.skip("a .pte with portable attention holds no int8 KV cache")
-    bundle = tiny_converter(tmp_path / f"tiny-{fmt}-kv8", fmt, kv_cache="int8")
+    options = {"kv_cache": "int8"}
+    if fmt == "pte":  # the host bundle's attention: a portable .pte for an ARMv8.0 board
+        options["pte_attention"] = Engine.load(host_bundle).manifest.io.get("attention", "custom")
+    bundle = tiny_converter(tmp_path / f"tiny-{fmt}-kv8", fmt, **options)
     there = do_deploy(bundle, deploy_kwargs, install=False)
     host = Engine.load(bundle)
     ids = host.encode_prompt(DEFAULT_PROMPT, chat=bool(host.manifest.chat_template))

@@ -127,9 +127,9 @@ def _lengths(ctx, param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None,
               help="KV-cache length fixed at export (default: the model's, capped at 2048).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_DTYPES), default="fp32", show_default=True,
-              help="KV cache elements. int8 (pte, onnx): 3.7x less cache memory; a .pte's decode attends over the "
-                   "int8 codes on aarch64, over dequantized rows on x86 (an .onnx: over the codes); judged by the "
-                   "quality gates like a quantized scheme.")
+              help="KV cache elements. int8 (pte, onnx): 3.7x less cache memory; a .pte with ExecuTorch's kernels "
+                   "attends over the int8 codes on aarch64, over dequantized rows on x86 (an .onnx and a portable "
+                   ".pte: over the codes, scales folded in); judged by the quality gates like a quantized scheme.")
 @click.option("--pte-attention", type=click.Choice(PTE_ATTENTIONS), default="custom", show_default=True,
               help="pte: attend with ExecuTorch's llama:: kernels (custom; on aarch64 they need ARMv8.2-A), or "
                    "with plain ops that run on any core, an ARMv8.0 Raspberry Pi 4 included (portable; "
@@ -520,7 +520,9 @@ def inspect(bundle: Path, as_json: bool, no_verify: bool) -> None:
 
     kv = m.io.get("kv_cache_dtype", "fp32")
     decode = m.io.get("kv_cache_decode")  # an int8 cache: how decode attends (lowering.executorch)
-    click.echo(f"kv cache    {kv}, {kv_cache_bytes(cfg, m.max_context, kv_cache=kv, fmt=m.format) / 1e6:.1f} MB "
+    rows = m.io.get("kv_cache_rows", "")  # int8 rows: "symmetric: ..." or "asymmetric: ..." (converters.lowering)
+    size = kv_cache_bytes(cfg, m.max_context, kv_cache=kv, fmt=m.format, pte_attention=m.io.get("attention", "custom"))
+    click.echo(f"kv cache    {kv}" + (f" ({rows.split(':')[0]} rows)" if rows else "") + f", {size / 1e6:.1f} MB "
                f"for {m.max_context} positions" + (f"; decode attends over {decode}" if decode else ""))
     if m.format == "pte":
         attention = m.io.get("attention", "custom")

@@ -54,7 +54,8 @@ ARCH_TRAITS: dict[str, ArchTraits] = {
 ARCHITECTURES = tuple(ARCH_TRAITS)
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
 #: KV cache element types. ``int8`` stores each cached row of a head as int8 codes with its own scale (and in a
-#: .pte a zero point; see ``converters.model.Attention``), in the formats of :data:`INT8_KV_FORMATS`.
+#: .pte with ExecuTorch's llama:: kernels a zero point; see ``converters.model.Attention``), in the formats of
+#: :data:`INT8_KV_FORMATS`.
 KV_CACHE_DTYPES = ("fp32", "int8")
 INT8_KV_FORMATS = ("pte", "onnx")
 #: How a .pte attends and writes its KV cache. ``custom``: ExecuTorch's ``llama::`` kernels (``update_cache``,

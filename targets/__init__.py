@@ -628,17 +628,18 @@ _WEIGHT_COPIES = {"pte": _pte_copies, "onnx": _onnx_copies, "tflite": _tflite_co
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_context: int, copies: int = 1, kv_cache: str = "fp32",
-                   fmt: str = "pte") -> int:
+                   fmt: str = "pte", pte_attention: str = "custom") -> int:
     """K and V caches of every layer, ``max_context`` positions long (the cache is static).
 
     ``kv_cache``: ``fp32`` (4 B an element) or ``int8`` (1 B an element, plus an fp32 scale per position and
-    head, and in a .pte, whose rows are asymmetric, an int8 zero point). A convolution layer's cache (LFM2) is
-    fp32 either way.
+    head, and in a .pte with ExecuTorch's kernels, ``pte_attention == "custom"``, whose rows are asymmetric, an
+    int8 zero point). A convolution layer's cache (LFM2) is fp32 either way.
     ``copies``: a tflite bundle keeps one per signature, since each signature's cache inputs are
     its own tensors (the backend brings a prefill signature's copy up to date when it runs)."""
     if kv_cache not in KV_CACHE_DTYPES:
         raise TargetError(f"unknown KV cache type {kv_cache!r}; choose one of: {', '.join(KV_CACHE_DTYPES)}")
-    row = {"fp32": 4 * cfg.head_dim, "int8": cfg.head_dim + (5 if fmt == "pte" else 4)}
+    zero_point = fmt == "pte" and pte_attention == "custom"
+    row = {"fp32": 4 * cfg.head_dim, "int8": cfg.head_dim + 4 + zero_point}
     per_position = sum(kv * row["fp32" if cfg.is_conv(i) else kv_cache] for i, kv in enumerate(cfg.n_kv_heads))
     return 2 * per_position * max_context * copies
 
@@ -654,9 +655,9 @@ def activations_bytes(cfg: ModelConfig, max_context: int, max_prefill: int) -> i
 def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | None = None,
                     max_context: int | None = None, fmt: str | None = None,
                     prefill_lengths: tuple[int, ...] | list[int] | None = None,
-                    kv_cache: str = "fp32") -> MemoryEstimate:
+                    kv_cache: str = "fp32", pte_attention: str | None = None) -> MemoryEstimate:
     """What ``model_config`` needs on ``profile``'s device (defaults: the profile's preferred format,
-    scheme, max_context and prefill lengths; an fp32 KV cache)."""
+    scheme, max_context, prefill lengths and .pte attention; an fp32 KV cache)."""
     scheme = scheme or profile.convert.scheme
     fmt = fmt or profile.format
     max_context = profile.convert.max_context if max_context is None else max_context
@@ -673,7 +674,8 @@ def estimate_memory(profile: Profile, model_config: ModelConfig, scheme: str | N
     return MemoryEstimate(
         target=profile.name, format=fmt, scheme=scheme, max_context=max_context,
         parameters=model_config.num_parameters(), weights_bytes=weights_bytes(model_config, scheme, group),
-        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1, kv_cache, fmt),
+        kv_cache_bytes=kv_cache_bytes(model_config, max_context, signatures if fmt == "tflite" else 1, kv_cache, fmt,
+                                      pte_attention or profile.convert.pte_attention),
         activations_bytes=activations_bytes(model_config, max_context, max_prefill),
         runtime_bytes=RUNTIME_BASE_BYTES[fmt],
         copies_bytes=weight_copies_bytes(model_config, fmt, scheme, group, signatures),
@@ -727,7 +729,7 @@ def _params(n: int) -> str:
 def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None = None,
                  max_context: int | None = None, fmt: str | None = None,
                  prefill_lengths: tuple[int, ...] | list[int] | None = None,
-                 kv_cache: str = "fp32") -> MemoryEstimate:
+                 kv_cache: str = "fp32", pte_attention: str | None = None) -> MemoryEstimate:
     """Estimate what the model needs on the device and raise :class:`TargetError` if it does not fit.
 
     Budget: ``device.memory_mb * device.usable_fraction``. Need: weights (see
@@ -737,14 +739,14 @@ def check_memory(profile: Profile, model_config: ModelConfig, scheme: str | None
     error says what would fit: the largest max_context, an int8 KV cache (pte, onnx), a smaller scheme,
     another of the profile's formats, or the parameter count to prune to.
     """
-    est = estimate_memory(profile, model_config, scheme, max_context, fmt, prefill_lengths, kv_cache)
+    est = estimate_memory(profile, model_config, scheme, max_context, fmt, prefill_lengths, kv_cache, pte_attention)
     if est.fits:
         return est
 
     def at(scheme: str = est.scheme, ctx: int = est.max_context, fmt: str = est.format,
            kv: str = est.kv_cache) -> MemoryEstimate:
         kv = kv if fmt in INT8_KV_FORMATS else "fp32"  # a .tflite holds no int8 cache
-        return estimate_memory(profile, model_config, scheme, ctx, fmt, prefill_lengths, kv)
+        return estimate_memory(profile, model_config, scheme, ctx, fmt, prefill_lengths, kv, pte_attention)
 
     ideas = []
     ctx = _largest_context(at, est.scheme, est.max_context)

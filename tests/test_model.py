@@ -157,8 +157,8 @@ def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
     rows dequantized for the fp32 kernel; for Gemma 2's capped scores, rows dequantized here). In the first
     layer, whose input is the fp32 model's, each cached row decodes back to the fp32 row within half a step of
     its own scale; the logits, through chunked prefill and decoding, stay within 5% of fp32's and keep their
-    argmax, and so do the functional int8 cache's (ONNX's, symmetric rows). A convolution layer's cache stays
-    fp32."""
+    argmax, and so do the functional int8 cache's (ONNX's, symmetric rows) and the portable .pte's (symmetric
+    rows in its own layout, scales folded into its scores). A convolution layer's cache stays fp32."""
     from edgelm.converters.model import dequantize_rows
 
     if variant == "lfm2":
@@ -182,9 +182,18 @@ def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
     onnx_like = _run_functional(functional, ids, [17, 1, 1, 21])
     assert (ref - onnx_like).abs().max() < 0.05 * ref.abs().max()
     assert (ref.argmax(-1) == onnx_like.argmax(-1)).float().mean() >= 0.95
+    portable = build_decoder(cfg, sd).make_stateful("portable", "int8")
+    portable.full_logits = portable.length_input = True
+    portable_out = _run_stateful(portable, ids, [17, 1, 1, 21])
+    assert (ref - portable_out).abs().max() < 0.05 * ref.abs().max()
+    assert (ref.argmax(-1) == portable_out.argmax(-1)).float().mean() >= 0.95
+    assert (portable_out - onnx_like).abs().max() < 0.01 * ref.abs().max()  # one row format, two layouts
+    layer = portable.layers[attn_layer(cfg)].attn
+    assert layer.k_cache.dtype == torch.int8 and not hasattr(layer, "k_zeros")
     assert (ref.argmax(-1) == dequantized.argmax(-1)).float().mean() >= 0.95
     fp32, int8 = runs["fp32"].layers, runs["int8"].layers
     attn = [i for i in range(cfg.n_layers) if not cfg.is_conv(i)]
+    assert attn[0] == attn_layer(cfg)
     assert [int8[i].attn.k_cache.dtype for i in range(cfg.n_layers)] == [
         torch.float32 if cfg.is_conv(i) else torch.int8 for i in range(cfg.n_layers)]
     first = int8[attn[0]].attn
@@ -200,8 +209,9 @@ def test_int8_kv_cache_follows_the_fp32_cache(tiny_source, variant):
 
 def test_symmetric_row_quantization():
     """The ONNX int8 cache's rows: codes in -127..127 with the row's largest magnitude at ±127, and every row
-    decodes (code * scale) to within half a step of itself; rows of one sign and all-zero rows included."""
-    from edgelm.converters.model import quantize_rows_symmetric
+    decodes (code * scale) to within half a step of itself; rows of one sign and all-zero rows included. The
+    portable .pte's rows are the same but for ties."""
+    from edgelm.converters.model import quantize_rows_symmetric, quantize_rows_xnnpack
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 200, 64, generator=g) * torch.rand(1, 3, 200, 1, generator=g) * 20
@@ -211,6 +221,12 @@ def test_symmetric_row_quantization():
     assert codes.min() >= -127 and ((codes.abs().amax(dim=-1) == 127) == (x.abs().amax(dim=-1) > 0)).all()
     assert ((codes.float() * scales - x).abs() <= scales * 0.5001).all()
     assert (codes[0, 0, 0] == 0).all()
+    rows = x[0].transpose(0, 1)  # the portable .pte's new rows, [S, KV, D], in ops XNNPACK takes
+    xc, xs = quantize_rows_xnnpack(rows)
+    assert xc.dtype == torch.int8 and xs.shape == (200, 3, 1)
+    torch.testing.assert_close(xs, scales[0].transpose(0, 1))
+    assert (xc.int() - codes[0].transpose(0, 1).int()).abs().max() <= 1  # only ties may round the other way
+    assert ((xc.float() * xs - rows).abs() <= xs * 0.5001).all()
 
 
 def test_lfm2_refusals():
@@ -475,6 +491,11 @@ def test_opt_logits_match_transformers():
                            ({"activation_function": "quick_gelu"}, "'quick_gelu'")):
         with pytest.raises(SourceError, match=needle):
             config_from_hf(transformers.OPTConfig(**{**kw, **change}), max_context=64)
+
+
+def attn_layer(cfg) -> int:
+    """The first attention layer (LFM2's others are convolutions)."""
+    return next(i for i in range(cfg.n_layers) if not cfg.is_conv(i))
 
 
 def _run_stateful(model, ids, chunks):

@@ -7,6 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+
+from edgelm.cli import main
 
 from .conftest import convert_bundle
 
@@ -219,6 +222,7 @@ def test_int8_kv_cache(tiny_onnx, tiny_model, tmp_path):
     cfg = tiny_model.cfg
     _, m = load_manifest(out)
     assert m.io["kv_cache_dtype"] == "int8" and m.io["kv_cache"]["dtype"] == "int8"
+    assert "kv cache    int8 (symmetric rows), " in CliRunner().invoke(main, ["inspect", str(out)]).output
     parity, quality = m.verification["parity"], m.verification["quality"]
     assert parity["passed"] and quality["passed"] and quality["top1_agreement"] >= 0.9
     assert parity["max_abs_err"] > 1e-3  # the int8 cache is in use (the fp32 graph is within 1e-4)

@@ -389,8 +389,12 @@ def test_an_int8_kv_cache_is_counted_and_suggested_for_pte_and_onnx():
         check_memory(p, one_b, "w8a8", 16384, "pte")
     msg = str(info.value)
     assert "fp32 KV cache 1,024 MB" in msg and "--kv-cache int8 (needs ~" in msg
+    # the Pi 4's .pte attends in plain ops (pte_attention = "portable"), whose int8 rows are symmetric
+    assert kv_cache_bytes(one_b, 1024, kv_cache="int8", pte_attention="portable") == 2 * 16 * 8 * (64 + 4) * 1024
     est = check_memory(p, one_b, "w8a8", 16384, "pte", kv_cache="int8")
-    assert est.fits and est.kv_cache == "int8" and "int8 KV cache 276 MB" in est.summary()
+    assert est.fits and est.kv_cache == "int8" and "int8 KV cache 272 MB" in est.summary()
+    est = check_memory(p, one_b, "w8a8", 16384, "pte", kv_cache="int8", pte_attention="custom")
+    assert est.fits and "int8 KV cache 276 MB" in est.summary()
     with pytest.raises(TargetError) as info:  # an .onnx holds one too, without zero points
         check_memory(p, one_b, "w8a8", 16384, "onnx")
     assert "--kv-cache int8 (needs ~" in str(info.value)

@@ -18,6 +18,12 @@ from edgelm.errors import FormatError
 
 FORMATS = ("pte", "onnx", "tflite")
 _MODULES = {"pte": "executorch", "onnx": "onnx", "tflite": "tflite"}
+# An int8 KV cache's rows, in the manifest (io.kv_cache_rows; edgelm inspect prints the word before the colon),
+# and how attention reads symmetric ones (io.kv_cache_decode): converters.model.quantize_rows_symmetric's form
+SYMMETRIC_ROWS = "symmetric: x = code * scale, code int8 in -127..127, an fp32 scale per position and head"
+ASYMMETRIC_ROWS = ("asymmetric: x = (code - zero point) * scale, an fp32 scale and an int8 zero point per position "
+                   "and head")
+FOLDED_DECODE = "int8 codes, scales folded into the scores and probabilities"
 
 
 @dataclass

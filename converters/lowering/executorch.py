@@ -34,7 +34,14 @@ from pathlib import Path
 import torch
 from torch.export import Dim, export
 
-from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
+from edgelm.converters.lowering import (
+    ASYMMETRIC_ROWS,
+    FOLDED_DECODE,
+    SYMMETRIC_ROWS,
+    Lowered,
+    LowerOptions,
+    register_lowering,
+)
 from edgelm.converters.quant import quantize_torchao, smooth_activations
 from edgelm.errors import ConversionError
 from edgelm.runtime.backends.executorch import WEIGHT_KEYS  # io.weight_keys: lets quantized programs share the cache
@@ -201,12 +208,12 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
 
     cfg = model.cfg
     max_prefill = max(2, min(opts.max_prefill, cfg.max_context))
-    portable = opts.attention == "portable"  # an int8 cache with it: refused by the pipeline and Attention.init_cache
+    portable = opts.attention == "portable"  # an int8 cache with it: symmetric rows, see Attention._attend_portable
     m = copy.deepcopy(model).make_stateful("portable" if portable else "executorch", opts.kv_cache)
     tie_output_to_embedding(m)
     m.eval()
     quant_report = None
-    quantized_decode = opts.kv_cache == "int8" and int8_decode_kernel(opts.architecture)
+    quantized_decode = opts.kv_cache == "int8" and not portable and int8_decode_kernel(opts.architecture)
     if opts.quant.quantized or opts.kv_cache == "int8":
         import executorch.kernels.quantized  # noqa: F401  out-variants of the quantized embedding and KV rows
     if opts.quant.quantized:
@@ -276,8 +283,11 @@ def lower_executorch(model, out: Path, opts: LowerOptions) -> Lowered:
           "attention": opts.attention}  # "portable": the runtime need not load the llama:: kernels
     if portable:  # the methods' second input: arange(start_pos + S), not [start_pos]
         io["position_input"] = "length"
-    if opts.kv_cache == "int8":
+    if opts.kv_cache == "int8" and portable:
+        io["kv_cache_decode"], io["kv_cache_rows"] = FOLDED_DECODE, SYMMETRIC_ROWS
+    elif opts.kv_cache == "int8":
         io["kv_cache_decode"] = "int8 codes" if quantized_decode else "dequantized rows"
+        io["kv_cache_rows"] = ASYMMETRIC_ROWS
     if keyed[0] or not opts.quant.quantized:
         io["weight_keys"] = WEIGHT_KEYS
     report = {"delegation": delegation}

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgelm.converters.lowering import Lowered, LowerOptions, register_lowering
+from edgelm.converters.lowering import FOLDED_DECODE, SYMMETRIC_ROWS, Lowered, LowerOptions, register_lowering
 from edgelm.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def lower_onnx(model, out: Path, opts: LowerOptions) -> Lowered:
             "quantization": "per position and head, symmetric: x = code * scale, code int8 in -127..127, scale "
                             "float32 of shape [batch, kv_heads, max_context, 1]",
         })
-        io["kv_cache_decode"] = "int8 codes, scales folded into the scores and probabilities"
+        io["kv_cache_decode"], io["kv_cache_rows"] = FOLDED_DECODE, SYMMETRIC_ROWS
     if quant_report is not None:
         from edgelm.converters.lowering.onnx_quant import session_config
 
