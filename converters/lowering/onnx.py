@@ -81,7 +81,6 @@ def output_names(kinds: list[str]) -> list[str]:
     return ["logits", *cache_names(kinds, "present")]
 
 
-
 class OnnxStep(nn.Module):
     """What the ONNX graph computes: one functional Decoder step over flat tensors.
 
